@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+DATA   := data/demo/.complete
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+$(DATA): examples/demo-data.txt | $(STAMP)
+	$(PY) examples/fetch_demo_data.py data/demo
+
+demo: $(STAMP) $(DATA)  ## fetch the real scene + model, run export → predict → deliver
+	$(VENV)/bin/terrabeam run examples/sentinel2-cloudmask.yaml
+
+test: $(STAMP) $(DATA)  ## lint and run the test suite
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(PY) -m pytest
+
+bench: $(STAMP) $(DATA)  ## side-by-side benchmarks, results into BENCHMARKS.md
+	$(PY) -m benchmarks --write BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) data workspace

@@ -1,0 +1,3 @@
+"""terrabeam: run trained models over satellite imagery on Apache Beam, patch by patch."""
+
+__version__ = "0.1.0"

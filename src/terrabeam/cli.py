@@ -1,0 +1,133 @@
+"""The ``terrabeam`` command: run a whole pipeline, or one step of it, from a YAML config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from terrabeam import __version__
+from terrabeam.config import PipelineConfig, load_config
+from terrabeam.errors import TerrabeamError
+from terrabeam.workflow import steps
+from terrabeam.workspace import Workspace, new_run_id
+
+DESCRIPTION = """\
+Run a trained model over satellite imagery, patch by patch, on Apache Beam.
+
+A run has three steps, each writing a folder in the run workspace <workspace>/<run>/:
+  export   rasters → Earth Engine-layout TFRecord patches + mixer.json   (export/)
+  predict  patches → model (Beam RunInference) → prediction patches      (predict/)
+  deliver  prediction patches → class + probability COGs, quicklook PNG  (deliver/)
+'run' does all three and writes <run>/summary.json. Options terrabeam does not know
+(e.g. --runner=DataflowRunner --project=…) are passed to Beam."""
+
+
+def _common(parser: argparse.ArgumentParser, new_run: bool) -> None:
+    parser.add_argument("config", type=Path, help="pipeline YAML file")
+    parser.add_argument(
+        "--workspace", type=Path, help="workspace root (default: 'workspace:' from the config)"
+    )
+    parser.add_argument(
+        "--run",
+        dest="run_id",
+        help="run id: a folder in the workspace "
+        + ("(default: a new id from the current UTC time)" if new_run else "(default: the latest run)"),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="terrabeam", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"terrabeam {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (and Beam's) at INFO")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "run": "export, predict and deliver in one go; prints the summary path",
+        "export": "cut the source rasters into Earth Engine-layout TFRecord patches + mixer",
+        "predict": "run the model over an export on Apache Beam (FnApiRunner by default)",
+        "deliver": "assemble predictions into COGs and a quicklook PNG",
+        "validate": "check the config and probe the model, without doing any work",
+    }
+    for name, text in helps.items():
+        sub = commands.add_parser(name, help=text, description=text)
+        _common(sub, new_run=name in ("run", "export"))
+    return parser
+
+
+def _workspace(config: PipelineConfig, args: argparse.Namespace, new_run: bool) -> Workspace:
+    root = args.workspace.resolve() if args.workspace else config.resolve(config.workspace)
+    if args.run_id:
+        return Workspace(root, args.run_id)
+    return Workspace(root, new_run_id()) if new_run else Workspace.latest(root)
+
+
+def _root_cause(exc: BaseException) -> TerrabeamError | None:
+    """Beam re-raises worker errors wrapped or with extra text; find terrabeam's own error inside."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, TerrabeamError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    unknown = [a for a in beam_args if not a.startswith("--")]
+    if unknown:
+        parser.error(f"unexpected arguments: {' '.join(unknown)}")
+    if beam_args and args.command not in ("run", "predict"):
+        parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = load_config(args.config)
+        if args.command == "validate":
+            steps.validate_before_run(config)
+            print(f"{args.config}: valid (config hash {config.fingerprint()})")
+            return 0
+        workspace = _workspace(config, args, new_run=args.command in ("run", "export"))
+        if args.command == "run":
+            summary = steps.run_all(config, workspace, beam_args)
+            print(json.dumps(json.loads(summary.read_text())["outputs"], indent=2))
+            print(f"summary: {summary}")
+            return 0
+        workspace.ensure_writable()
+        if args.command == "export":
+            report = steps.export_step(config, workspace)
+        elif args.command == "predict":
+            report = steps.predict_step(config, workspace, beam_args)
+        else:
+            report = steps.deliver_step(config, workspace)
+        print(
+            json.dumps(
+                {"run": workspace.run_id, "step": report.name, "seconds": round(report.seconds, 3)}
+                | report.details,
+                indent=2,
+            )
+        )
+        return 0
+    except KeyboardInterrupt:
+        print("terrabeam: interrupted; no step folder was published for the unfinished step", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the CLI boundary: report the cause in one line, never a traceback
+        cause = _root_cause(exc)
+        if cause is None:
+            if args.verbose:
+                raise
+            print(f"terrabeam: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        print(f"terrabeam: error: {cause}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

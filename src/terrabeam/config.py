@@ -1,0 +1,264 @@
+"""Pipeline configuration: one YAML file, validated with pydantic before any work starts.
+
+Relative paths in the file are relative to the file's own directory. Errors name the field path,
+the value found and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numexpr
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from terrabeam.errors import ConfigError
+
+Resampling = Literal["nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "average", "mode"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BandFile(_Strict):
+    """One band: a GDAL-readable file and the band inside it; value = raw × scale + offset."""
+
+    path: str
+    band: int = Field(1, ge=1, description="1-based band index inside the file")
+    scale: float = 1.0
+    offset: float = 0.0
+
+
+class RasterSource(_Strict):
+    """Export from local or remote GDAL-readable rasters (GeoTIFF, COG, JPEG2000, …)."""
+
+    kind: Literal["raster"] = "raster"
+    bands: dict[str, BandFile] = Field(min_length=1)
+    derived: dict[str, str] = Field(
+        default_factory=dict, description="band name → numexpr expression over other bands"
+    )
+    nodata: float | None = Field(None, description="raw value meaning 'no data' (default: the file's)")
+    fill_value: float = Field(0.0, description="value written where there is no data (defaultValue)")
+    resampling: Resampling = "bilinear"
+
+    @model_validator(mode="after")
+    def _derived_use_known_bands(self) -> RasterSource:
+        known = list(self.bands)
+        for name, expression in self.derived.items():
+            if name in self.bands:
+                raise ValueError(f"derived band {name!r} has the name of a source band")
+            try:
+                used = numexpr.necompiler.getExprNames(expression, {})[0]
+            except Exception as exc:  # numexpr raises several types for bad syntax
+                raise ValueError(f"derived.{name}: cannot parse {expression!r} ({exc})") from None
+            unknown = sorted(set(used) - set(known))
+            if unknown:
+                raise ValueError(
+                    f"derived.{name}: {expression!r} uses unknown band(s) {unknown}; known before it: {known}"
+                )
+            known.append(name)
+        return self
+
+    @property
+    def band_names(self) -> list[str]:
+        """All exported bands: source bands then derived bands, in configuration order."""
+        return [*self.bands, *self.derived]
+
+
+class Region(_Strict):
+    """The area to predict: a bbox in the grid CRS, or a GeoJSON geometry (EPSG:4326, inline or file)."""
+
+    bbox: tuple[float, float, float, float] | None = Field(
+        None, description="[minx, miny, maxx, maxy] in the grid CRS"
+    )
+    geojson: str | dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Region:
+        if self.bbox is not None and self.geojson is not None:
+            raise ValueError("give either bbox or geojson, not both")
+        if self.bbox is not None and not (self.bbox[0] < self.bbox[2] and self.bbox[1] < self.bbox[3]):
+            raise ValueError(f"bbox {list(self.bbox)} must be [minx, miny, maxx, maxy] with min < max")
+        return self
+
+
+class GridConfig(_Strict):
+    crs: str | None = Field(None, description="target CRS (default: the first band's)")
+    resolution: float | tuple[float, float] | None = Field(
+        None, description="pixel size in CRS units, or [x, y] (default: the first band's)"
+    )
+    region: Region = Region()
+    patch_size: tuple[int, int] = Field((256, 256), description="core patch [width, height]")
+    kernel_size: tuple[int, int] = Field(
+        (0, 0), description="margin [kw, kh]: kw/2 and kh/2 extra pixels on each side"
+    )
+
+    @field_validator("patch_size")
+    @classmethod
+    def _positive_patch(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 1:
+            raise ValueError(f"patch_size {list(value)} must be positive [width, height]")
+        return value
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _even_kernel(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 0 or any(k % 2 for k in value):
+            raise ValueError(f"kernel_size {list(value)} must be even and ≥ 0 (half goes on each side)")
+        return value
+
+    @field_validator("resolution")
+    @classmethod
+    def _positive_resolution(cls, value: float | tuple[float, float] | None):
+        if value is not None and min(value if isinstance(value, tuple) else (value,)) <= 0:
+            raise ValueError(f"resolution {value} must be positive")
+        return value
+
+
+class ExportConfig(_Strict):
+    prefix: str = Field("patches", pattern=r"^[A-Za-z0-9_.]+$")
+    max_file_size: int = Field(104_857_600, gt=0, description="bytes per shard at most")
+    compression_level: int = Field(1, ge=0, le=9, description="gzip level; 0 writes plain TFRecord")
+
+
+class Normalization(_Strict):
+    """(x - mean) / std per input band."""
+
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _lengths(self) -> Normalization:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
+        if any(s == 0 for s in self.std):
+            raise ValueError("std must not contain 0")
+        return self
+
+
+class ModelConfig(_Strict):
+    path: str
+    framework: Literal["onnx"] = "onnx"
+    input_bands: list[str] = Field(min_length=1)
+    normalization: Normalization | None = None
+    output: Literal["logits", "probabilities"] = Field(
+        "logits", description="what the model returns per class; logits get a softmax"
+    )
+    classes: list[str] = Field(min_length=2)
+    batch_size: int = Field(4, ge=1, description="patches per model call")
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: all cores)")
+
+    @model_validator(mode="after")
+    def _normalization_matches(self) -> ModelConfig:
+        if self.normalization is not None and len(self.normalization.mean) != len(self.input_bands):
+            raise ValueError(
+                f"normalization has {len(self.normalization.mean)} values for "
+                f"{len(self.input_bands)} input_bands {self.input_bands}"
+            )
+        return self
+
+
+class PredictConfig(_Strict):
+    prefix: str = Field("predictions", pattern=r"^[A-Za-z0-9_.]+$")
+    runner: str = Field("FnApiRunner", description="any Beam runner name")
+    pipeline_options: dict[str, Any] = Field(
+        default_factory=dict, description="passed to Beam as --key=value"
+    )
+    reshuffle: bool = Field(True, description="spread records over workers before the model")
+    compression_level: int = Field(1, ge=0, le=9)
+
+
+class OutputsConfig(_Strict):
+    class_map: bool = True
+    probabilities: bool = True
+    quicklook: bool = True
+    colors: dict[str, str] = Field(default_factory=dict, description="class → '#rrggbb'")
+
+
+class PipelineConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    workspace: str = "workspace"
+    source: RasterSource
+    grid: GridConfig = GridConfig()
+    export: ExportConfig = ExportConfig()
+    model: ModelConfig
+    predict: PredictConfig = PredictConfig()
+    outputs: OutputsConfig = OutputsConfig()
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PipelineConfig:
+        exported = self.source.band_names
+        missing = [b for b in self.model.input_bands if b not in exported]
+        if missing:
+            raise ValueError(
+                f"model.input_bands {missing} are not bands of the source; source bands: {exported}"
+            )
+        unknown = sorted(set(self.outputs.colors) - set(self.model.classes))
+        if unknown:
+            raise ValueError(f"outputs.colors names {unknown}, not in model.classes {self.model.classes}")
+        return self
+
+    def resolve(self, path: str) -> Path:
+        """A path from the file, made absolute against the file's directory."""
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else (self._base_dir / candidate).resolve()
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def fingerprint(self) -> str:
+        """A short hash of the validated configuration (same settings, same hash)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        location = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        value = item.get("input")
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{…}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  {location} = {shown}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(document: Any, base_dir: Path, source: str = "config") -> PipelineConfig:
+    """Validate a loaded YAML document; relative paths will resolve against ``base_dir``."""
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(document).__name__}")
+    try:
+        config = PipelineConfig.model_validate(document)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+    config._base_dir = base_dir.resolve()
+    return config
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline YAML file."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    return parse_config(document, path.parent, source=str(path))

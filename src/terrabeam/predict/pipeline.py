@@ -1,0 +1,145 @@
+"""The predict step as one Apache Beam pipeline: keyed shards → model → ordered prediction shards.
+
+Runs on Beam's FnApiRunner by default (the default runner would try to download Prism); any other
+runner and its options come from ``predict.runner`` / ``predict.pipeline_options`` or the command
+line (later flags win).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from terrabeam.config import PipelineConfig
+from terrabeam.errors import RecordCountError
+from terrabeam.grid import Grid
+from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path, shard_name
+from terrabeam.predict.io import NAMESPACE, DecodePatch, PostProcess, ReadKeyedRecords, WriteShard
+from terrabeam.predict.models import OnnxPatchModelHandler, probe_model
+from terrabeam.tfrecord import count_records
+
+
+def pipeline_flags(runner: str, options: dict[str, Any], extra: Sequence[str] = ()) -> list[str]:
+    """Beam command-line flags from the config, then ``extra`` (so the command line wins)."""
+    flags = [f"--runner={runner}"]
+    for key, value in options.items():
+        if value is True:
+            flags.append(f"--{key}")
+        elif value is not False and value is not None:
+            flags.append(f"--{key}={value}")
+    return flags + list(extra)
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    grid: Grid
+    manifest: ExportManifest
+    shards: list[Path]
+    records: int
+
+
+def read_export(config: PipelineConfig, export_dir: Path) -> tuple[Grid, ExportManifest, list[Path]]:
+    """Mixer, manifest and shards of an export (an Earth Engine export without manifest uses the config)."""
+    prefix = config.export.prefix
+    grid = Grid.read_mixer(mixer_path(export_dir, prefix))
+    shards = list_shards(export_dir, prefix)
+    manifest_file = manifest_path(export_dir, prefix)
+    if manifest_file.exists():
+        manifest = ExportManifest.read(manifest_file)
+        declared = sum(manifest.shard_records)
+        if declared != grid.total_patches or len(manifest.shard_records) != len(shards):
+            raise RecordCountError(
+                f"{mixer_path(export_dir, prefix)}: totalPatches={grid.total_patches} but "
+                f"{manifest_file.name} lists {declared} records in {len(manifest.shard_records)} "
+                f"shards and {len(shards)} shard files are present in {export_dir}"
+            )
+    else:
+        manifest = ExportManifest(
+            kernel_size=list(config.grid.kernel_size),
+            region_width=grid.width,
+            region_height=grid.height,
+            bands=config.source.band_names,
+        )
+    return grid, manifest, shards
+
+
+def run_predict(
+    config: PipelineConfig, export_dir: Path, out_dir: Path, beam_args: Sequence[str] = ()
+) -> PredictResult:
+    """Predict every patch of ``export_dir`` into ``out_dir`` (prediction shards + mixer + manifest)."""
+    grid, manifest, shards = read_export(config, export_dir)
+    kw, kh = manifest.kernel_size
+    shape = (grid.patch_height + kh, grid.patch_width + kw)
+    model_path = str(config.resolve(config.model.path))
+    probe_model(config.model, model_path, shape)
+
+    compressed = config.predict.compression_level > 0
+    names = [shard_name(config.predict.prefix, i, compressed) for i in range(len(shards))]
+    norm = config.model.normalization
+    handler = KeyedModelHandler(
+        OnnxPatchModelHandler(model_path, config.model.batch_size, config.model.threads)
+    )
+    options = PipelineOptions(
+        pipeline_flags(config.predict.runner, config.predict.pipeline_options, beam_args)
+    )
+    pipeline = beam.Pipeline(options=options)
+    records = pipeline | "Shards" >> beam.Create([(i, str(p)) for i, p in enumerate(shards)])
+    records = records | "ReadKeyedRecords" >> beam.ParDo(ReadKeyedRecords())
+    if config.predict.reshuffle:
+        records = records | "Reshuffle" >> beam.Reshuffle()
+    (
+        records
+        | "DecodePatch"
+        >> beam.ParDo(
+            DecodePatch(
+                [str(p) for p in shards],
+                config.model.input_bands,
+                shape,
+                norm.mean if norm else None,
+                norm.std if norm else None,
+            )
+        )
+        | "RunInference" >> RunInference(handler)
+        | "PostProcess"
+        >> beam.ParDo(PostProcess(config.model.classes, (kw // 2, kh // 2), config.model.output == "logits"))
+        | "GroupByShard" >> beam.GroupByKey()
+        | "WriteShard" >> beam.ParDo(WriteShard(str(out_dir), names, config.predict.compression_level))
+    )
+    result = pipeline.run()
+    result.wait_until_finish()
+
+    counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    totals = {c.key.metric.name: c.committed or c.attempted for c in counters}
+    read, written = totals.get("records_read", 0), totals.get("records_written", 0)
+    if read != grid.total_patches or written != grid.total_patches:
+        raise RecordCountError(
+            f"{mixer_path(export_dir, config.export.prefix)}: totalPatches={grid.total_patches} but "
+            f"{read} records were read from {len(shards)} shard(s) in {export_dir} ({written} written)"
+        )
+    out_shards = [out_dir / name for name in names]
+    grid.write_mixer(mixer_path(out_dir, config.predict.prefix))
+    counts = [int(c) for c in _shard_counts(out_shards, manifest, grid)]
+    ExportManifest(
+        kernel_size=[0, 0],
+        region_width=manifest.region_width,
+        region_height=manifest.region_height,
+        bands=["class", *(f"prob_{c}" for c in config.model.classes)],
+        shard_records=counts,
+    ).write(manifest_path(out_dir, config.predict.prefix))
+    return PredictResult(grid, manifest, out_shards, written)
+
+
+def _shard_counts(out_shards: list[Path], manifest: ExportManifest, grid: Grid) -> list[int]:
+    missing = [p for p in out_shards if not p.exists()]
+    if missing:
+        raise RecordCountError(f"prediction shards not written: {[str(p) for p in missing]}")
+    if manifest.shard_records:
+        return manifest.shard_records
+    return [count_records(p) for p in out_shards]

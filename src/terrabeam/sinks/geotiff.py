@@ -1,0 +1,169 @@
+"""Deliver step to files: prediction shards + mixer → class-map and probability COGs and a quicklook PNG.
+
+Patches are written one at a time into tiled GeoTIFFs cropped to the true region, which rio-cogeo
+then turns into Cloud-Optimized GeoTIFFs; memory holds one patch, not the map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from PIL import Image, ImageDraw, ImageFont
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+from rio_cogeo.cogeo import cog_translate
+from rio_cogeo.profiles import cog_profiles
+
+from terrabeam.config import PipelineConfig
+from terrabeam.errors import InputError, RecordCountError
+from terrabeam.grid import Grid
+from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path
+from terrabeam.tfrecord import decode_example, read_records
+
+CLASS_NODATA = 255
+QUICKLOOK_MAX_SIDE = 1024
+_DEFAULT_COLORS = ["#1b9e77", "#f0f0f0", "#4b3f9e", "#d95f02", "#e7298a", "#66a61e", "#e6ab02", "#a6761d"]
+
+
+def _tiled_profile(grid: Grid, width: int, height: int, count: int, dtype: str, nodata) -> dict:
+    return {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": count,
+        "dtype": dtype,
+        "nodata": nodata,
+        "crs": grid.crs,
+        "transform": grid.transform,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
+    }
+
+
+def _hex_to_rgb(color: str) -> tuple[int, int, int]:
+    value = color.lstrip("#")
+    return int(value[0:2], 16), int(value[2:4], 16), int(value[4:6], 16)
+
+
+def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) -> list[Path]:
+    """Assemble the prediction shards in ``predict_dir`` into the configured outputs in ``out_dir``."""
+    prefix = config.predict.prefix
+    grid = Grid.read_mixer(mixer_path(predict_dir, prefix))
+    manifest = ExportManifest.read(manifest_path(predict_dir, prefix))
+    classes = [band.removeprefix("prob_") for band in manifest.bands if band.startswith("prob_")]
+    width, height = manifest.region_width, manifest.region_height
+    shards = list_shards(predict_dir, prefix)
+    outputs = config.outputs
+    stem = config.name
+
+    raw_classes = out_dir / f".{stem}-classes.raw.tif"
+    raw_probs = out_dir / f".{stem}-probabilities.raw.tif"
+    class_ds = rasterio.open(
+        raw_classes, "w", **_tiled_profile(grid, width, height, 1, "uint8", CLASS_NODATA)
+    )
+    prob_ds = (
+        rasterio.open(
+            raw_probs, "w", **_tiled_profile(grid, width, height, len(classes), "float32", float("nan"))
+        )
+        if outputs.probabilities
+        else None
+    )
+    index = 0
+    try:
+        for shard in shards:
+            for payload in read_records(shard):
+                if index >= grid.total_patches:
+                    raise RecordCountError(
+                        f"{shard}: more records than totalPatches={grid.total_patches} in the mixer"
+                    )
+                features = decode_example(payload)
+                window = grid.patch_window(index)
+                rows = min(window.height, height - window.row_off)
+                cols = min(window.width, width - window.col_off)
+                index += 1
+                if rows <= 0 or cols <= 0:
+                    continue  # a padding patch wholly outside the true region
+                target = Window(window.col_off, window.row_off, cols, rows)
+                shape = (grid.patch_height, grid.patch_width)
+                if "class" not in features:
+                    raise InputError(f"{shard} record {index - 1}: no 'class' band; has {sorted(features)}")
+                labels = np.asarray(features["class"]).reshape(shape)[:rows, :cols]
+                class_ds.write(labels.astype(np.uint8)[None], window=target)
+                if prob_ds is not None:
+                    probs = np.stack(
+                        [np.asarray(features[f"prob_{c}"]).reshape(shape)[:rows, :cols] for c in classes]
+                    )
+                    prob_ds.write(probs, window=target)
+    finally:
+        class_ds.close()
+        if prob_ds is not None:
+            prob_ds.close()
+    if index != grid.total_patches:
+        raise RecordCountError(
+            f"{mixer_path(predict_dir, prefix)}: totalPatches={grid.total_patches} but the shards in "
+            f"{predict_dir} hold {index} records"
+        )
+
+    written: list[Path] = []
+    if outputs.class_map:
+        path = out_dir / f"{stem}-classes.tif"
+        _to_cog(raw_classes, path, "mode", {"class_names": ",".join(classes)})
+        written.append(path)
+    if prob_ds is not None:
+        path = out_dir / f"{stem}-probabilities.tif"
+        _to_cog(raw_probs, path, "average", {"class_names": ",".join(classes)}, band_names=classes)
+        written.append(path)
+    if outputs.quicklook:
+        path = out_dir / f"{stem}-quicklook.png"
+        colors = [
+            outputs.colors.get(c, _DEFAULT_COLORS[i % len(_DEFAULT_COLORS)]) for i, c in enumerate(classes)
+        ]
+        write_quicklook(raw_classes, path, classes, colors)
+        written.append(path)
+    raw_classes.unlink(missing_ok=True)
+    raw_probs.unlink(missing_ok=True)
+    return written
+
+
+def _to_cog(
+    source: Path, target: Path, resampling: str, tags: dict[str, str], band_names: list[str] | None = None
+) -> None:
+    if band_names:
+        with rasterio.open(source, "r+") as ds:
+            ds.descriptions = tuple(band_names)
+    cog_translate(
+        str(source),
+        str(target),
+        cog_profiles.get("deflate"),
+        overview_resampling=resampling,
+        additional_cog_metadata=tags,
+        quiet=True,
+    )
+
+
+def write_quicklook(class_map: Path, target: Path, classes: list[str], colors: list[str]) -> None:
+    """A PNG of the class map (at most 1024 px a side) with a legend strip underneath."""
+    with rasterio.open(class_map) as ds:
+        scale = max(1, int(np.ceil(max(ds.width, ds.height) / QUICKLOOK_MAX_SIDE)))
+        shape = (max(1, ds.height // scale), max(1, ds.width // scale))
+        labels = ds.read(1, out_shape=shape, resampling=Resampling.nearest)
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for i, color in enumerate(colors):
+        palette[i] = _hex_to_rgb(color)
+    rgb = palette[labels]
+    font = ImageFont.load_default()
+    legend_height = 24
+    image = Image.new("RGB", (rgb.shape[1], rgb.shape[0] + legend_height), "white")
+    image.paste(Image.fromarray(rgb), (0, 0))
+    draw = ImageDraw.Draw(image)
+    x = 6
+    for name, color in zip(classes, colors, strict=True):
+        y = rgb.shape[0] + 6
+        draw.rectangle([x, y, x + 12, y + 12], fill=_hex_to_rgb(color), outline="black")
+        draw.text((x + 16, y), name, fill="black", font=font)
+        x += 16 + int(draw.textlength(name, font=font)) + 14
+    image.save(target)

@@ -1,0 +1,222 @@
+"""Export step from GDAL-readable rasters: warp onto the target grid, scale, derive, cut into patches.
+
+Reads one strip of patches (patch height + kernel margin rows, full grid width) at a time, so
+memory depends on the grid's width, never on the scene's height.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numexpr
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds, transform_geom
+from rasterio.windows import Window
+
+from terrabeam.config import PipelineConfig
+from terrabeam.errors import GridMismatchError, InputError
+from terrabeam.grid import Grid
+from terrabeam.layout import ExportManifest, ShardedWriter, manifest_path, mixer_path
+from terrabeam.tfrecord import encode_example
+
+
+@dataclass(frozen=True)
+class TargetRegion:
+    """The true region to predict, in pixels of the target grid."""
+
+    crs: str
+    transform: Affine
+    width: int
+    height: int
+
+
+def _open(path: Path, name: str) -> rasterio.DatasetReader:
+    if not path.exists() and "://" not in str(path) and not str(path).startswith("/vsi"):
+        raise InputError(f"source.bands.{name}.path: file not found: {path}")
+    try:
+        return rasterio.open(path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise InputError(f"source.bands.{name}.path: cannot read {path} ({exc})") from None
+
+
+def _region_bounds(config: PipelineConfig, crs: CRS, first: rasterio.DatasetReader) -> tuple:
+    region = config.grid.region
+    if region.bbox is not None:
+        return tuple(region.bbox)
+    if region.geojson is not None:
+        geometry = region.geojson
+        if isinstance(geometry, str):
+            import json
+
+            path = config.resolve(geometry)
+            if not path.is_file():
+                raise InputError(f"grid.region.geojson: file not found: {path}")
+            geometry = json.loads(path.read_text())
+        if geometry.get("type") == "FeatureCollection":
+            geometry = {
+                "type": "GeometryCollection",
+                "geometries": [f["geometry"] for f in geometry["features"]],
+            }
+        elif geometry.get("type") == "Feature":
+            geometry = geometry["geometry"]
+        projected = transform_geom("EPSG:4326", crs, geometry)
+        coords = np.array(list(_coordinates(projected)), dtype=float)
+        return coords[:, 0].min(), coords[:, 1].min(), coords[:, 0].max(), coords[:, 1].max()
+    return transform_bounds(first.crs, crs, *first.bounds)
+
+
+def _coordinates(geometry: dict):
+    if geometry["type"] == "GeometryCollection":
+        for part in geometry["geometries"]:
+            yield from _coordinates(part)
+        return
+    stack = [geometry["coordinates"]]
+    while stack:
+        item = stack.pop()
+        if item and isinstance(item[0], int | float):
+            yield item[:2]
+        else:
+            stack.extend(item)
+
+
+def target_region(config: PipelineConfig) -> TargetRegion:
+    """Resolve CRS, resolution and region (defaults from the first band) and snap to whole pixels."""
+    name, first_band = next(iter(config.source.bands.items()))
+    with _open(config.resolve(first_band.path), name) as first:
+        if first.crs is None:
+            raise GridMismatchError(f"{first.name}: has no CRS; cannot place it on a grid")
+        crs = CRS.from_user_input(config.grid.crs) if config.grid.crs else first.crs
+        resolution = config.grid.resolution
+        if resolution is None:
+            if crs != first.crs:
+                raise GridMismatchError(
+                    f"grid.resolution is required: grid.crs {config.grid.crs} differs from "
+                    f"{first.name}'s CRS {first.crs}"
+                )
+            resolution = (abs(first.transform.a), abs(first.transform.e))
+        xres, yres = resolution if isinstance(resolution, tuple) else (resolution, resolution)
+        minx, miny, maxx, maxy = _region_bounds(config, crs, first)
+    # Snap outward to the pixel grid of the CRS origin, as `gdalwarp -tap` does.
+    left = math.floor(round(minx / xres, 9)) * xres
+    top = math.ceil(round(maxy / yres, 9)) * yres
+    width = math.ceil(round((maxx - left) / xres, 9))
+    height = math.ceil(round((top - miny) / yres, 9))
+    return TargetRegion(crs.to_string(), Affine(xres, 0, left, 0, -yres, top), width, height)
+
+
+class _BandReader:
+    """One source band warped onto the padded export grid, read strip by strip as scaled float32."""
+
+    def __init__(self, config: PipelineConfig, name: str, grid: Grid, kernel: tuple[int, int]):
+        spec = config.source.bands[name]
+        self.name = name
+        self.spec = spec
+        self.fill = config.source.fill_value
+        self.dataset = _open(config.resolve(spec.path), name)
+        ds = self.dataset
+        if spec.band > ds.count:
+            ds.close()
+            raise InputError(f"source.bands.{name}.band = {spec.band}: {ds.name} has only {ds.count} band(s)")
+        if ds.crs is None:
+            ds.close()
+            raise GridMismatchError(f"{ds.name}: has no CRS; cannot place it on grid {grid.crs}")
+        kw, kh = kernel
+        left, top = grid.xy(0, 0)
+        right, bottom = grid.xy(grid.width, grid.height)
+        src_bounds = transform_bounds(ds.crs, grid.crs, *ds.bounds)
+        if not (
+            src_bounds[0] < right and src_bounds[2] > left and src_bounds[1] < top and src_bounds[3] > bottom
+        ):
+            ds.close()
+            raise GridMismatchError(
+                f"{ds.name}: its extent {tuple(round(v, 3) for v in src_bounds)} in {grid.crs} does "
+                f"not overlap the region {(left, bottom, right, top)}; check grid.crs and grid.region"
+            )
+        nodata = config.source.nodata if config.source.nodata is not None else ds.nodatavals[spec.band - 1]
+        self.vrt = WarpedVRT(
+            ds,
+            crs=grid.crs,
+            transform=grid.transform @ Affine.translation(-kw // 2, -kh // 2),
+            width=grid.width + kw,
+            height=grid.height + kh,
+            resampling=Resampling[config.source.resampling],
+            src_nodata=nodata,
+            nodata=nodata,
+            add_alpha=nodata is None,
+        )
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """(values, valid) for ``window`` of the padded grid; invalid pixels hold the fill value."""
+        raw = self.vrt.read(self.spec.band, window=window, out_dtype="float32")
+        valid = self.vrt.read_masks(self.spec.band, window=window) > 0
+        values = raw * np.float32(self.spec.scale) + np.float32(self.spec.offset)
+        values[~valid] = self.fill
+        return values, valid
+
+    def close(self) -> None:
+        self.vrt.close()
+        self.dataset.close()
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    grid: Grid
+    manifest: ExportManifest
+    shards: list[Path]
+
+
+def export_rasters(config: PipelineConfig, out_dir: Path) -> ExportResult:
+    """Write Earth Engine-layout shards, mixer and manifest for the configured rasters into ``out_dir``."""
+    region = target_region(config)
+    grid = Grid.covering(region.crs, region.transform, region.width, region.height, config.grid.patch_size)
+    kernel = config.grid.kernel_size
+    kw, kh = kernel
+    pw, ph = grid.patch_width, grid.patch_height
+    readers: list[_BandReader] = []
+    writer = ShardedWriter(
+        out_dir, config.export.prefix, config.export.max_file_size, config.export.compression_level
+    )
+    try:
+        for name in config.source.bands:
+            readers.append(_BandReader(config, name, grid, kernel))
+        for row in range(grid.patch_rows):
+            window = Window(0, row * ph, grid.width + kw, ph + kh)
+            bands: dict[str, np.ndarray] = {}
+            valid_all = None
+            for reader in readers:
+                values, valid = reader.read(window)
+                bands[reader.name] = values
+                valid_all = valid if valid_all is None else valid_all & valid
+            for name, expression in config.source.derived.items():
+                with np.errstate(all="ignore"):
+                    derived = numexpr.evaluate(expression, local_dict=dict(bands)).astype(np.float32)
+                fill = np.float32(config.source.fill_value)
+                derived[~valid_all | ~np.isfinite(derived)] = fill
+                bands[name] = derived
+            for col in range(grid.patches_per_row):
+                if row * grid.patches_per_row + col >= grid.total_patches:
+                    break
+                x0 = col * pw
+                patch = {name: values[:, x0 : x0 + pw + kw] for name, values in bands.items()}
+                writer.write(encode_example(patch))
+    finally:
+        writer.close()
+        for reader in readers:
+            reader.close()
+    grid.write_mixer(mixer_path(out_dir, config.export.prefix))
+    manifest = ExportManifest(
+        kernel_size=list(kernel),
+        region_width=region.width,
+        region_height=region.height,
+        bands=config.source.band_names,
+        shard_records=writer.counts,
+    )
+    manifest.write(manifest_path(out_dir, config.export.prefix))
+    return ExportResult(grid, manifest, writer.paths)

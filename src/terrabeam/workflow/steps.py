@@ -1,0 +1,120 @@
+"""The three steps (export → predict → deliver) and a whole run with its JSON summary.
+
+Each step reads the previous step's published folder in the run workspace and publishes its own
+folder whole, so any step can be re-run alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from terrabeam.config import PipelineConfig
+from terrabeam.predict.models import probe_model
+from terrabeam.predict.pipeline import run_predict
+from terrabeam.sinks.geotiff import deliver_geotiff
+from terrabeam.sources.raster import export_rasters
+from terrabeam.workspace import Workspace
+
+
+@dataclass
+class StepReport:
+    name: str
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def export_step(config: PipelineConfig, workspace: Workspace) -> StepReport:
+    start = time.perf_counter()
+    with workspace.staging("export") as staging:
+        result = export_rasters(config, staging)
+    return StepReport(
+        "export",
+        time.perf_counter() - start,
+        {
+            "patches": result.grid.total_patches,
+            "shards": len(result.shards),
+            "bands": result.manifest.bands,
+            "region_pixels": [result.manifest.region_width, result.manifest.region_height],
+        },
+    )
+
+
+def predict_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[str] = ()) -> StepReport:
+    start = time.perf_counter()
+    export_dir = workspace.require_step("export")
+    with workspace.staging("predict") as staging:
+        result = run_predict(config, export_dir, staging, beam_args)
+    seconds = time.perf_counter() - start
+    grid = result.grid
+    pixels = result.records * grid.patch_width * grid.patch_height
+    return StepReport(
+        "predict",
+        seconds,
+        {
+            "patches": result.records,
+            "shards": len(result.shards),
+            "core_pixels": pixels,
+            "patches_per_second": round(result.records / seconds, 3),
+            "mpx_per_second": round(pixels / seconds / 1e6, 4),
+        },
+    )
+
+
+def deliver_step(config: PipelineConfig, workspace: Workspace) -> StepReport:
+    start = time.perf_counter()
+    predict_dir = workspace.require_step("predict")
+    with workspace.staging("deliver") as staging:
+        outputs = deliver_geotiff(config, predict_dir, staging)
+    final = workspace.step_dir("deliver")
+    return StepReport(
+        "deliver", time.perf_counter() - start, {"outputs": [str(final / p.name) for p in outputs]}
+    )
+
+
+def validate_before_run(config: PipelineConfig) -> None:
+    """Fail before any work if the model does not fit the configured bands and patch size."""
+    kw, kh = config.grid.kernel_size
+    pw, ph = config.grid.patch_size
+    probe_model(config.model, str(config.resolve(config.model.path)), (ph + kh, pw + kw))
+
+
+def write_summary(config: PipelineConfig, workspace: Workspace, reports: list[StepReport]) -> Path:
+    """``<run>/summary.json``: patches, pixels, seconds per step, Mpx/s and outputs (written atomically)."""
+    by_name = {r.name: r for r in reports}
+    total = sum(r.seconds for r in reports)
+    export = by_name.get("export")
+    region = export.details["region_pixels"] if export else None
+    predict = by_name.get("predict")
+    summary = {
+        "pipeline": config.name,
+        "run": workspace.run_id,
+        "config_hash": config.fingerprint(),
+        "patches": predict.details["patches"] if predict else None,
+        "region_pixels": region,
+        "pixels": region[0] * region[1] if region else None,
+        "seconds": {r.name: round(r.seconds, 3) for r in reports} | {"total": round(total, 3)},
+        "mpx_per_second": round(region[0] * region[1] / total / 1e6, 4) if region and total else None,
+        "steps": {r.name: r.details for r in reports},
+        "outputs": by_name["deliver"].details["outputs"] if "deliver" in by_name else [],
+    }
+    path = workspace.run_dir / "summary.json"
+    partial = path.with_name(".summary.json.partial")
+    partial.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(partial, path)
+    return path
+
+
+def run_all(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[str] = ()) -> Path:
+    """Validate, then export, predict and deliver; returns the summary path."""
+    workspace.ensure_writable()
+    validate_before_run(config)
+    reports = [export_step(config, workspace)]
+    reports.append(predict_step(config, workspace, beam_args))
+    reports.append(deliver_step(config, workspace))
+    return write_summary(config, workspace, reports)
