@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -130,7 +131,7 @@ class GridConfig(_Strict):
 class ExportConfig(_Strict):
     prefix: str = Field("patches", pattern=r"^[A-Za-z0-9_.]+$")
     max_file_size: int = Field(104_857_600, gt=0, description="bytes per shard at most")
-    compression_level: int = Field(1, ge=0, le=9, description="gzip level; 0 writes plain TFRecord")
+    compression_level: int = Field(1, ge=0, le=3, description="gzip level 1–3 (ISA-L); 0: plain TFRecord")
 
 
 class Normalization(_Strict):
@@ -176,8 +177,31 @@ class PredictConfig(_Strict):
     pipeline_options: dict[str, Any] = Field(
         default_factory=dict, description="passed to Beam as --key=value"
     )
-    reshuffle: bool = Field(True, description="spread records over workers before the model")
-    compression_level: int = Field(1, ge=0, le=9)
+    reshuffle: bool | None = Field(
+        None,
+        description="spread records over workers before the model; default (null): only when the "
+        "runner has more than one worker (not the in-process FnApiRunner/DirectRunner)",
+    )
+
+    def should_reshuffle(self, beam_args: Sequence[str] = ()) -> bool:
+        """Reshuffling moves every record through the runner's shuffle: worth it only across workers."""
+        if self.reshuffle is not None:
+            return self.reshuffle
+        flags = [
+            f"--runner={self.runner}",
+            *(f"--{k}={v}" for k, v in self.pipeline_options.items()),
+            *beam_args,
+        ]
+        runner, workers = self.runner, 1
+        for flag in flags:
+            key, _, value = flag.removeprefix("--").partition("=")
+            if key == "runner":
+                runner = value
+            elif key == "direct_num_workers":
+                workers = int(value or 1)
+        return runner not in ("FnApiRunner", "DirectRunner") or workers != 1
+
+    compression_level: int = Field(1, ge=0, le=3, description="gzip level 1–3 (ISA-L); 0: plain TFRecord")
 
 
 class OutputsConfig(_Strict):

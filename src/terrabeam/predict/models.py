@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from apache_beam.ml.inference.onnx_inference import OnnxModelHandlerNumpy
 
@@ -46,23 +47,35 @@ class ModelSignature:
     classes: int
 
 
-def _session(path: str) -> ort.InferenceSession:
+def _declared_dims(value_info) -> list[int | None]:
+    """Dims of an ONNX graph input/output; None where symbolic (e.g. "batch_size")."""
+    return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
+
+
+def _load_graph(path: str) -> onnx.GraphProto:
     try:
-        return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types for missing or invalid files
-        raise ModelError(f"model.path: cannot load ONNX model {path}: {exc}") from None
+        return onnx.load(path, load_external_data=False).graph
+    except FileNotFoundError:
+        raise ModelError(f"model.path: ONNX model not found: {path}") from None
+    except Exception as exc:  # onnx raises DecodeError and others for files that are not models
+        raise ModelError(f"model.path: cannot read ONNX model {path}: {exc}") from None
 
 
 def probe_model(config: ModelConfig, model_path: str, patch_shape: tuple[int, int]) -> ModelSignature:
-    """Load the model and run it once on one patch of ``patch_shape`` (H, W); fail naming both sides."""
-    session = _session(model_path)
-    inputs = session.get_inputs()
+    """Check the model's declared shapes, then run it once on one patch of ``patch_shape`` (H, W).
+
+    Mismatches fail naming both sides. The probe session skips graph optimisation, which costs more
+    than the single call it serves.
+    """
+    graph = _load_graph(model_path)
+    weights = {init.name for init in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in weights]
     if len(inputs) != 1:
         raise ModelError(f"{model_path}: expects {len(inputs)} inputs; terrabeam feeds one (N, C, H, W)")
-    shape = inputs[0].shape
+    shape = _declared_dims(inputs[0])
     if len(shape) != 4:
         raise ModelError(f"{model_path}: input {inputs[0].name} has shape {shape}; expected (N, C, H, W)")
-    _, channels, height, width = (d if isinstance(d, int) else None for d in shape)
+    _, channels, height, width = shape
     bands = len(config.input_bands)
     if channels is not None and channels != bands:
         raise ModelError(
@@ -75,10 +88,13 @@ def probe_model(config: ModelConfig, model_path: str, patch_shape: tuple[int, in
             f"{model_path}: model expects patches of {height}×{width} (H×W) but the grid gives "
             f"{h}×{w} (patch_size + kernel_size); change grid.patch_size or grid.kernel_size"
         )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     probe = np.zeros((1, bands, h, w), dtype=np.float32)
     try:
+        session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
         output = session.run(None, {inputs[0].name: probe})[0]
-    except Exception as exc:
+    except Exception as exc:  # ORT raises its own exception types
         raise ModelError(f"{model_path}: failed on a {probe.shape} probe input: {exc}") from None
     if output.ndim != 4 or output.shape[2:] != (h, w):
         raise ModelError(

@@ -92,7 +92,7 @@ def run_predict(
     pipeline = beam.Pipeline(options=options)
     records = pipeline | "Shards" >> beam.Create([(i, str(p)) for i, p in enumerate(shards)])
     records = records | "ReadKeyedRecords" >> beam.ParDo(ReadKeyedRecords())
-    if config.predict.reshuffle:
+    if config.predict.should_reshuffle(beam_args):
         records = records | "Reshuffle" >> beam.Reshuffle()
     (
         records
