@@ -12,7 +12,6 @@ from pathlib import Path
 from terrabeam import __version__
 from terrabeam.config import PipelineConfig, load_config
 from terrabeam.errors import TerrabeamError
-from terrabeam.workflow import steps
 from terrabeam.workspace import Workspace, new_run_id
 
 DESCRIPTION = """\
@@ -85,9 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unexpected arguments: {' '.join(unknown)}")
     if beam_args and args.command not in ("run", "predict"):
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+    # Beam logs harmless start-up warnings on the root logger (missing optional GCP clients, no
+    # resource module): quiet unless --verbose. Configured before Beam is first imported.
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("terrabeam").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    from terrabeam.workflow import steps
+
     try:
         config = load_config(args.config)
         if args.command == "validate":

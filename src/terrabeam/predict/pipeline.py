@@ -71,14 +71,22 @@ def read_export(config: PipelineConfig, export_dir: Path) -> tuple[Grid, ExportM
 
 
 def run_predict(
-    config: PipelineConfig, export_dir: Path, out_dir: Path, beam_args: Sequence[str] = ()
+    config: PipelineConfig,
+    export_dir: Path,
+    out_dir: Path,
+    beam_args: Sequence[str] = (),
+    probe: bool = True,
 ) -> PredictResult:
-    """Predict every patch of ``export_dir`` into ``out_dir`` (prediction shards + mixer + manifest)."""
+    """Predict every patch of ``export_dir`` into ``out_dir`` (prediction shards + mixer + manifest).
+
+    ``probe=False`` skips the model probe when the caller has just probed the same model and shape.
+    """
     grid, manifest, shards = read_export(config, export_dir)
     kw, kh = manifest.kernel_size
     shape = (grid.patch_height + kh, grid.patch_width + kw)
     model_path = str(config.resolve(config.model.path))
-    probe_model(config.model, model_path, shape)
+    if probe:
+        probe_model(config.model, model_path, shape)
 
     compressed = config.predict.compression_level > 0
     names = [shard_name(config.predict.prefix, i, compressed) for i in range(len(shards))]

@@ -45,11 +45,13 @@ def export_step(config: PipelineConfig, workspace: Workspace) -> StepReport:
     )
 
 
-def predict_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[str] = ()) -> StepReport:
+def predict_step(
+    config: PipelineConfig, workspace: Workspace, beam_args: Sequence[str] = (), probe: bool = True
+) -> StepReport:
     start = time.perf_counter()
     export_dir = workspace.require_step("export")
     with workspace.staging("predict") as staging:
-        result = run_predict(config, export_dir, staging, beam_args)
+        result = run_predict(config, export_dir, staging, beam_args, probe=probe)
     seconds = time.perf_counter() - start
     grid = result.grid
     pixels = result.records * grid.patch_width * grid.patch_height
@@ -115,6 +117,7 @@ def run_all(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[st
     workspace.ensure_writable()
     validate_before_run(config)
     reports = [export_step(config, workspace)]
-    reports.append(predict_step(config, workspace, beam_args))
+    # The export just made follows the config, which validate_before_run has probed the model with.
+    reports.append(predict_step(config, workspace, beam_args, probe=False))
     reports.append(deliver_step(config, workspace))
     return write_summary(config, workspace, reports)
