@@ -151,11 +151,17 @@ class _BandReader:
             nodata=nodata,
             add_alpha=nodata is None,
         )
+        # Without a nodata value GDAL marks warped coverage in an added alpha band (the last one);
+        # the bands' own masks then claim every pixel valid.
+        self.alpha_band = self.vrt.count if nodata is None else None
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """(values, valid) for ``window`` of the padded grid; invalid pixels hold the fill value."""
         raw = self.vrt.read(self.spec.band, window=window, out_dtype="float32")
-        valid = self.vrt.read_masks(self.spec.band, window=window) > 0
+        if self.alpha_band is not None:
+            valid = self.vrt.read(self.alpha_band, window=window) > 0
+        else:
+            valid = self.vrt.read_masks(self.spec.band, window=window) > 0
         values = raw * np.float32(self.spec.scale) + np.float32(self.spec.offset)
         values[~valid] = self.fill
         return values, valid
