@@ -52,8 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         "deliver": "assemble predictions into COGs and a quicklook PNG",
         "validate": "check the config and probe the model, without doing any work",
     }
+    beam_epilog = (
+        "Other --options go to Apache Beam's PipelineOptions and win over predict.pipeline_options, "
+        "e.g. --runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing."
+    )
     for name, text in helps.items():
-        sub = commands.add_parser(name, help=text, description=text)
+        epilog = beam_epilog if name in ("run", "predict") else None
+        sub = commands.add_parser(name, help=text, description=text, epilog=epilog)
         _common(sub, new_run=name in ("run", "export"))
     return parser
 
@@ -62,7 +67,7 @@ def _workspace(config: PipelineConfig, args: argparse.Namespace, new_run: bool) 
     root = args.workspace.resolve() if args.workspace else config.resolve(config.workspace)
     if args.run_id:
         return Workspace(root, args.run_id)
-    return Workspace(root, new_run_id()) if new_run else Workspace.latest(root)
+    return Workspace(root, new_run_id(root)) if new_run else Workspace.latest(root)
 
 
 def _root_cause(exc: BaseException) -> TerrabeamError | None:

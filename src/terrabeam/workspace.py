@@ -18,9 +18,14 @@ from terrabeam.errors import WorkspaceError
 STEPS = ("export", "predict", "deliver")
 
 
-def new_run_id() -> str:
-    """A sortable, readable run id: the UTC time the run started."""
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+def new_run_id(root: Path) -> str:
+    """A readable run id, the UTC time the run started, made unique in ``root`` with a -N suffix."""
+    base = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    candidate, number = base, 1
+    while (root / candidate).exists():
+        number += 1
+        candidate = f"{base}-{number}"
+    return candidate
 
 
 class Workspace:
@@ -33,15 +38,13 @@ class Workspace:
 
     @classmethod
     def latest(cls, root: Path) -> Workspace:
-        """The most recent run in ``root`` (run ids sort by time)."""
+        """The run in ``root`` changed most recently (a step publishes by renaming into its folder)."""
         runs = (
-            sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-            if root.is_dir()
-            else []
+            [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
         )
         if not runs:
             raise WorkspaceError(f"{root}: no runs yet; start one with 'terrabeam run CONFIG'")
-        return cls(root, runs[-1])
+        return cls(root, max(runs, key=lambda p: p.stat().st_mtime_ns).name)
 
     def ensure_writable(self) -> None:
         """Create the run folder and prove it is writable, before any work starts."""

@@ -1,0 +1,40 @@
+"""Run folders: unique ids, the latest run, atomic publishing of a step's folder."""
+
+from __future__ import annotations
+
+import pytest
+
+from terrabeam.errors import WorkspaceError
+from terrabeam.workspace import Workspace, new_run_id
+
+
+def test_new_run_ids_are_unique(tmp_path):
+    first = new_run_id(tmp_path)
+    (tmp_path / first).mkdir()
+    second = new_run_id(tmp_path)
+    assert second != first and second.startswith(first[:15])
+
+
+def test_failed_step_publishes_nothing_and_success_replaces_whole(tmp_path):
+    ws = Workspace(tmp_path, "r")
+    with ws.staging("export") as staging:
+        (staging / "a").write_text("1")
+    assert (tmp_path / "r" / "export" / "a").read_text() == "1"
+    with pytest.raises(RuntimeError), ws.staging("export") as staging:
+        (staging / "b").write_text("half")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["export"]
+    assert sorted(p.name for p in (tmp_path / "r" / "export").iterdir()) == ["a"]
+    with ws.staging("export") as staging:
+        (staging / "c").write_text("2")
+    assert sorted(p.name for p in (tmp_path / "r" / "export").iterdir()) == ["c"]
+
+
+def test_latest_and_missing_step(tmp_path):
+    with pytest.raises(WorkspaceError, match="no runs yet"):
+        Workspace.latest(tmp_path)
+    Workspace(tmp_path, "b").ensure_writable()
+    Workspace(tmp_path, "a").ensure_writable()
+    assert Workspace.latest(tmp_path).run_id == "a"
+    with pytest.raises(WorkspaceError, match="step 'predict' has no finished output in run a"):
+        Workspace(tmp_path, "a").require_step("predict")
