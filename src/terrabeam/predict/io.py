@@ -107,10 +107,39 @@ class PostProcess(beam.DoFn):
         return features
 
 
-class WriteShard(beam.DoFn):
-    """(shard number, [(position, payload)]) → one prediction shard in the original order.
+class _ShardFile:
+    """One prediction shard being written under a temporary name, published by rename when complete."""
 
-    Written under a temporary name and renamed when complete.
+    def __init__(self, out_dir: str, name: str, compression_level: int) -> None:
+        self.final = Path(out_dir) / name
+        self.partial = self.final.with_name(self.final.name + ".partial")
+        self.writer = RecordWriter(self.partial, compression_level)
+        self.next_position = 0
+        self.pending: dict[int, bytes] = {}
+
+    def add(self, position: int, payload: bytes) -> None:
+        """Write records in position order, holding back any that arrive ahead of their turn."""
+        self.pending[position] = payload
+        while self.next_position in self.pending:
+            self.writer.write(self.pending.pop(self.next_position))
+            self.next_position += 1
+
+    def publish(self, number: int) -> int:
+        self.writer.close()
+        if self.pending:
+            self.partial.unlink(missing_ok=True)
+            raise RecordCountError(
+                f"shard {number}: records {sorted(self.pending)[:5]} arrived but record "
+                f"{self.next_position} never did"
+            )
+        os.replace(self.partial, self.final)
+        return self.next_position
+
+
+class WriteShard(beam.DoFn):
+    """(shard number, [(position, payload)]) after a GroupByKey → one prediction shard in order.
+
+    Used when records were reshuffled across workers; a shard's records meet on one worker.
     """
 
     def __init__(self, out_dir: str, names: Sequence[str], compression_level: int) -> None:
@@ -119,19 +148,40 @@ class WriteShard(beam.DoFn):
         self.compression_level = compression_level
         self.records_written = beam.metrics.Metrics.counter(NAMESPACE, "records_written")
 
-    def process(self, element: tuple[int, Iterable[tuple[int, bytes]]]) -> Iterator[tuple[int, int]]:
+    def process(self, element: tuple[int, Iterable[tuple[int, bytes]]]) -> None:
         number, records = element
-        ordered = sorted(records, key=lambda item: item[0])
-        positions = [position for position, _ in ordered]
-        if positions != list(range(len(positions))):
-            raise RecordCountError(
-                f"shard {number}: positions {positions[:10]}… are not 0..{len(positions) - 1}"
-            )
-        final = Path(self.out_dir) / self.names[number]
-        partial = final.with_name(final.name + ".partial")
-        with RecordWriter(partial, self.compression_level) as writer:
-            for _, payload in ordered:
-                writer.write(payload)
-        os.replace(partial, final)
-        self.records_written.inc(len(ordered))
-        yield number, len(ordered)
+        shard = _ShardFile(self.out_dir, self.names[number], self.compression_level)
+        for position, payload in sorted(records, key=lambda item: item[0]):
+            shard.add(position, payload)
+        self.records_written.inc(shard.publish(number))
+
+
+class StreamShardsInOrder(beam.DoFn):
+    """(shard number, (position, payload)) → prediction shards, written as the records stream by.
+
+    Without a shuffle every record of a shard is processed in the bundle that read the shard, and
+    in order, so nothing needs grouping: memory holds only records that arrive out of turn, and
+    each shard is published when the bundle finishes (a retried bundle rewrites its shards).
+    """
+
+    def __init__(self, out_dir: str, names: Sequence[str], compression_level: int) -> None:
+        self.out_dir = out_dir
+        self.names = list(names)
+        self.compression_level = compression_level
+        self.records_written = beam.metrics.Metrics.counter(NAMESPACE, "records_written")
+        self._open: dict[int, _ShardFile] = {}
+
+    def start_bundle(self) -> None:
+        self._open = {}
+
+    def process(self, element: tuple[int, tuple[int, bytes]]) -> None:
+        number, (position, payload) = element
+        shard = self._open.get(number)
+        if shard is None:
+            shard = self._open[number] = _ShardFile(self.out_dir, self.names[number], self.compression_level)
+        shard.add(position, payload)
+
+    def finish_bundle(self) -> None:
+        for number, shard in sorted(self._open.items()):
+            self.records_written.inc(shard.publish(number))
+        self._open = {}

@@ -21,7 +21,14 @@ from terrabeam.config import PipelineConfig
 from terrabeam.errors import RecordCountError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path, shard_name
-from terrabeam.predict.io import NAMESPACE, DecodePatch, PostProcess, ReadKeyedRecords, WriteShard
+from terrabeam.predict.io import (
+    NAMESPACE,
+    DecodePatch,
+    PostProcess,
+    ReadKeyedRecords,
+    StreamShardsInOrder,
+    WriteShard,
+)
 from terrabeam.predict.models import OnnxPatchModelHandler, probe_model
 from terrabeam.tfrecord import count_records
 
@@ -100,9 +107,10 @@ def run_predict(
     pipeline = beam.Pipeline(options=options)
     records = pipeline | "Shards" >> beam.Create([(i, str(p)) for i, p in enumerate(shards)])
     records = records | "ReadKeyedRecords" >> beam.ParDo(ReadKeyedRecords())
-    if config.predict.should_reshuffle(beam_args):
+    reshuffle = config.predict.should_reshuffle(beam_args)
+    if reshuffle:
         records = records | "Reshuffle" >> beam.Reshuffle()
-    (
+    predictions = (
         records
         | "DecodePatch"
         >> beam.ParDo(
@@ -117,9 +125,16 @@ def run_predict(
         | "RunInference" >> RunInference(handler)
         | "PostProcess"
         >> beam.ParDo(PostProcess(config.model.classes, (kw // 2, kh // 2), config.model.output == "logits"))
-        | "GroupByShard" >> beam.GroupByKey()
-        | "WriteShard" >> beam.ParDo(WriteShard(str(out_dir), names, config.predict.compression_level))
     )
+    level = config.predict.compression_level
+    if reshuffle:  # records of a shard are spread over workers: bring them together, then write
+        _ = (
+            predictions
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShard" >> beam.ParDo(WriteShard(str(out_dir), names, level))
+        )
+    else:  # each shard stays in one bundle, in order: stream it out, memory stays flat
+        _ = predictions | "StreamShardsInOrder" >> beam.ParDo(StreamShardsInOrder(str(out_dir), names, level))
     result = pipeline.run()
     result.wait_until_finish()
 
