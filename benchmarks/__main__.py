@@ -1,10 +1,10 @@
-"""Predict-step throughput against a plain ONNX Runtime loop, measured side by side in one run.
+"""terrabeam's benchmark suite (``make bench``): every ratio measured side by side in one run.
 
-The demo scene's export (8 real patches) is tiled ``--tiles`` times at the shard level into one
-larger export (64 tiles = 512 patches, about 60 % of one full Sentinel-2 tile at 20 m), so fixed
-start-up costs weigh as they would on a real scene. The baseline loads the same model with the same
-threads and runs it with the same batch size over the same patches, already decoded and normalised
-in memory: the model bound, the most a pipeline could reach.
+1. bounds of the predict step (model alone, I/O alone, their serial combination) against
+   `terrabeam predict`, for the real U-Net and a light per-pixel model, on the 16× scene;
+2. `terrabeam run` against a naive rasterio → model → rasterio loop on the same scene;
+3. scaling: `terrabeam run` on 1×, 4× and 16× the real scene's area (time per Mpx, peak memory);
+4. where the time goes: per-step and per-stage seconds of one profiled run.
 """
 
 from __future__ import annotations
@@ -13,165 +13,206 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
-import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
-from isal import isal_zlib
+from apache_beam.version import __version__ as beam_version
 
+from benchmarks.bounds import io_bound, load_patches, model_bound
+from benchmarks.memory import run_measured
+from benchmarks.naive import naive_run
+from benchmarks.scenes import pixel_model, scene_config, tiled_scene
+from benchmarks.stages import profile_run
 from terrabeam.config import load_config
-from terrabeam.grid import Grid
-from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path, shard_name
 from terrabeam.predict.pipeline import run_predict
-from terrabeam.sources.raster import export_rasters
-from terrabeam.tfrecord import decode_example, read_records
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "examples" / "sentinel2-cloudmask.yaml"
+MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def tiled_export(config, work: Path, tiles: int) -> Path:
-    """Export the demo scene once, then repeat its shards ``tiles`` times as one export."""
-    single = work / "single"
-    single.mkdir()
-    result = export_rasters(config, single)
-    prefix = config.export.prefix
-    out = work / "export"
-    out.mkdir()
-    shards = list_shards(single, prefix)
-    number = 0
-    for _ in range(tiles):
-        for shard in shards:
-            shutil.copyfile(shard, out / shard_name(prefix, number))
-            number += 1
-    grid = result.grid
-    tiled = Grid(
-        grid.crs,
-        grid.transform,
-        grid.patch_width,
-        grid.patch_height,
-        grid.patches_per_row,
-        grid.total_patches * tiles,
-    )
-    tiled.write_mixer(mixer_path(out, prefix))
-    manifest = result.manifest
-    ExportManifest(
-        manifest.kernel_size,
-        manifest.region_width,
-        manifest.region_height * tiles,
-        manifest.bands,
-        manifest.shard_records * tiles,
-    ).write(manifest_path(out, prefix))
-    return out
+def _mpx(pixels: int, seconds: float) -> float:
+    return pixels / seconds / 1e6
 
 
-def plain_onnx_loop(config, export_dir: Path) -> tuple[float, int]:
-    """Seconds to load the model and run it over all patches, batched as the pipeline does.
-
-    The patches are decoded and normalised in memory beforehand (not timed).
-    """
-    model = config.model
-    norm = model.normalization
-    mean = np.asarray(norm.mean, np.float32)[:, None, None]
-    std = np.asarray(norm.std, np.float32)[:, None, None]
-    grid = Grid.read_mixer(mixer_path(export_dir, config.export.prefix))
-    kw, kh = config.grid.kernel_size
-    shape = (grid.patch_height + kh, grid.patch_width + kw)
-    patches = []
-    for shard in list_shards(export_dir, config.export.prefix):
-        for record in read_records(shard):
-            features = decode_example(record)
-            patch = np.stack([np.reshape(features[b], shape) for b in model.input_bands])
-            patches.append((patch - mean) / std)
-    start = time.perf_counter()  # loading the model is part of any loop, as of the pipeline
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = model.threads
-    session = ort.InferenceSession(
-        str(config.resolve(model.path)), options, providers=ort.get_available_providers()
-    )
-    name = session.get_inputs()[0].name
-    for i in range(0, len(patches), model.batch_size):
-        session.run(None, {name: np.stack(patches[i : i + model.batch_size])})
-    return time.perf_counter() - start, len(patches)
-
-
-def gzip_codecs(export_dir: Path, prefix: str, records: int = 32) -> tuple[float, float]:
-    """Seconds to gzip the same serialized patches at level 1 with zlib and with ISA-L (isal)."""
-    payloads = []
-    for shard in list_shards(export_dir, prefix):
-        payloads.extend(read_records(shard))
-        if len(payloads) >= records:
-            break
-    timings = []
-    for compress in (lambda d: zlib.compress(d, 1), lambda d: isal_zlib.compress(d, 1)):
-        start = time.perf_counter()
-        for payload in payloads[:records]:
-            compress(payload)
-        timings.append(time.perf_counter() - start)
-    return timings[0], timings[1]
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**MISSED**"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--tiles", type=int, default=64, help="repeat the demo scene's patches this often")
-    parser.add_argument("--write", type=Path, help="append the results to this Markdown file")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--scales", type=int, nargs="+", default=[1, 4, 16], help="scene areas for scaling, square numbers"
+    )
+    parser.add_argument(
+        "--bounds-scale", type=int, default=64, help="scene area for sections 1 and 2 (also run for scaling)"
+    )
+    parser.add_argument("--profile-scale", type=int, default=16, help="scene area of the profiled run")
+    parser.add_argument("--write", type=Path, help="put the results into this Markdown file")
     args = parser.parse_args(argv)
+    largest = args.bounds_scale
+    scales = sorted({*args.scales, largest})
+    terrabeam = [sys.executable, "-m", "terrabeam"]
+    lines: list[str] = []
+    say = lines.append
 
-    config = load_config(DEMO_CONFIG)
     with tempfile.TemporaryDirectory(prefix="terrabeam-bench-") as tmp:
         work = Path(tmp)
-        export_dir = tiled_export(config, work, args.tiles)
-        baseline_seconds, patches = plain_onnx_loop(config, export_dir)
-        zlib_seconds, isal_seconds = gzip_codecs(export_dir, config.export.prefix)
-        out = work / "predict"
-        out.mkdir()
-        start = time.perf_counter()
-        result = run_predict(config, export_dir, out)
-        predict_seconds = time.perf_counter() - start
-    assert result.records == patches
-    baseline_rate = patches / baseline_seconds
-    predict_rate = patches / predict_seconds
-    ratio = predict_rate / baseline_rate
-    verdict = "met" if ratio >= 0.8 else "MISSED"
-    rows = [
-        ("plain ONNX Runtime loop (model bound)", baseline_seconds, baseline_rate, 1.0),
-        ("terrabeam predict (Beam FnApiRunner)", predict_seconds, predict_rate, ratio),
-    ]
-    lines = [
-        f"### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — U-Net (ukis-csmask 6-band), {patches} patches "
-        f"of 256×256 (demo scene × {args.tiles})",
-        "",
-        f"`python -m benchmarks --tiles {args.tiles}` on {os.cpu_count()} cores, "
-        f"{platform.machine()}, Python {platform.python_version()}, onnxruntime {ort.__version__}",
-        "",
-        "| pipeline | seconds | patches/s | ratio to model bound |",
-        "|---|---:|---:|---:|",
-        *(f"| {name} | {sec:.2f} | {rate:.2f} | {r:.3f} |" for name, sec, rate, r in rows),
-        "",
-        f"Target predict ≥ 0.8 × model bound: **{verdict}** ({ratio:.3f}).",
-        "",
-        f"gzip level 1 of 32 export records (1.8 MB each): zlib {zlib_seconds * 1000 / 32:.1f} ms/record, "
-        f"ISA-L {isal_seconds * 1000 / 32:.1f} ms/record: ISA-L is {zlib_seconds / isal_seconds:.1f}× faster.",
-        "",
-    ]
+        light = pixel_model(work / "pixel.onnx")
+        configs = {}
+        for scale in scales:
+            bands = tiled_scene(work / f"scene-x{scale}", scale)
+            configs[scale] = scene_config(work / f"unet-x{scale}.yaml", bands, work / "ws")
+        light_config_path = scene_config(
+            work / "pixel.yaml",
+            tiled_scene(work / f"scene-x{largest}", largest),
+            work / "ws-pixel",
+            model=light,
+        )
+
+        # 3. scaling (first, so the big run's export can serve the bounds below)
+        scaling = []
+        for scale in scales:
+            wall, peak = run_measured([*terrabeam, "run", str(configs[scale]), "--run", f"x{scale}"])
+            summary = json.loads((work / "ws" / f"x{scale}" / "summary.json").read_text())
+            scaling.append((scale, summary["pixels"], summary["seconds"]["total"], wall, peak))
+
+        export_dir = work / "ws" / f"x{largest}" / "export"
+        big = next(s for s in scaling if s[0] == largest)
+        pixels = big[1]
+
+        # 1. bounds vs predict, both models, same export
+        models = {
+            "U-Net (ukis-csmask, 6 bands)": load_config(configs[largest]),
+            "per-pixel linear (1×1 conv)": load_config(light_config_path),
+        }
+        io_seconds, records = io_bound(models["U-Net (ukis-csmask, 6 bands)"], export_dir, work / "io")
+        bound_rows = []
+        for label, config in models.items():
+            patches = load_patches(config, export_dir)
+            model_seconds = model_bound(config, patches)
+            del patches
+            out = work / f"predict-{len(bound_rows)}"
+            out.mkdir()
+            start = time.perf_counter()
+            run_predict(config, export_dir, out)
+            predict_seconds = time.perf_counter() - start
+            serial = model_seconds + io_seconds  # = 1 / (1/model + 1/io) as throughput
+            bound_rows.append((label, model_seconds, io_seconds, serial, predict_seconds))
+
+        # 2. run vs naive, both models
+        light_wall, _ = run_measured([*terrabeam, "run", str(light_config_path), "--run", "pixel"])
+        light_summary = json.loads((work / "ws-pixel" / "pixel" / "summary.json").read_text())
+        run_rows = []
+        for label, config, run_seconds in (
+            ("U-Net (ukis-csmask, 6 bands)", models["U-Net (ukis-csmask, 6 bands)"], big[2]),
+            (
+                "per-pixel linear (1×1 conv)",
+                models["per-pixel linear (1×1 conv)"],
+                light_summary["seconds"]["total"],
+            ),
+        ):
+            naive_seconds, naive_pixels = naive_run(config, work / f"naive-{len(run_rows)}")
+            assert naive_pixels == pixels
+            run_rows.append((label, run_seconds, naive_seconds))
+
+        # 4. where the time goes
+        profiled = args.profile_scale if args.profile_scale in configs else largest
+        steps, stages = profile_run(configs[profiled], work / "ws-profile")
+
+    # ---- report ------------------------------------------------------------------------------
+    say(f"### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
+    say("")
+    say(
+        f"`python -m benchmarks --scales {' '.join(map(str, args.scales))} --bounds-scale {largest}` "
+        f"on {os.cpu_count()} cores, "
+        f"{platform.machine()}, Python {platform.python_version()}, onnxruntime {ort.__version__}, "
+        f"apache-beam {beam_version}. "
+        f"Sections 1–2 on the {largest}× scene = {pixels / 1e6:.2f} Mpx at 20 m, {records} patches "
+        "(a full Sentinel-2 tile at 20 m is 30 Mpx)."
+    )
+    say("")
+    say(
+        "**1. Predict against its bounds** (same export, same threads, batch 4). Serial combination = "
+        "model + I/O seconds, i.e. 1 / (1/model + 1/io) in throughput."
+    )
+    say("")
+    say(
+        "| model | model bound Mpx/s | I/O bound Mpx/s | serial combination Mpx/s | terrabeam predict Mpx/s "
+        "| predict / model bound | predict / serial (target ≥ 0.8) |"
+    )
+    say("|---|---:|---:|---:|---:|---:|---:|")
+    for label, model_s, io_s, serial_s, predict_s in bound_rows:
+        ratio = serial_s / predict_s
+        say(
+            f"| {label} | {_mpx(pixels, model_s):.2f} | {_mpx(pixels, io_s):.2f} | {_mpx(pixels, serial_s):.2f} "
+            f"| {_mpx(pixels, predict_s):.2f} | {model_s / predict_s:.3f} | {ratio:.3f} {_verdict(ratio >= 0.8)} |"
+        )
+    say("")
+    say(
+        "**2. terrabeam run against a naive rasterio → model → rasterio loop** (one process, same grid, "
+        "margin, model; class + probability GeoTIFFs)."
+    )
+    say("")
+    say("| model | terrabeam run s | naive s | run Mpx/s | naive Mpx/s | run / naive (target ≥ 1) |")
+    say("|---|---:|---:|---:|---:|---:|")
+    for label, run_s, naive_s in run_rows:
+        ratio = naive_s / run_s
+        say(
+            f"| {label} | {run_s:.2f} | {naive_s:.2f} | {_mpx(pixels, run_s):.2f} | {_mpx(pixels, naive_s):.2f} "
+            f"| {ratio:.3f} {_verdict(ratio >= 1)} |"
+        )
+    say("")
+    say(
+        "**3. Scaling** (U-Net; run seconds from the run's summary, wall includes interpreter start; "
+        "peak RSS of the whole process tree)."
+    )
+    say("")
+    say("| area | Mpx | run s | wall s | s per Mpx | peak RSS MiB |")
+    say("|---|---:|---:|---:|---:|---:|")
+    for scale, px, run_s, wall, peak in scaling:
+        say(
+            f"| {scale}× | {px / 1e6:.2f} | {run_s:.2f} | {wall:.2f} | {run_s / (px / 1e6):.2f} | {peak / 2**20:.0f} |"
+        )
+    first, last = scaling[0], next(row for row in scaling if row[0] == max(args.scales))
+    time_ratio = (last[2] / last[1]) / (first[2] / first[1])
+    memory_ratio = last[4] / first[4]
+    say("")
+    say(
+        f"Time per Mpx at {last[0]}× / {first[0]}×: {time_ratio:.2f} (target ≤ 1.2: {_verdict(time_ratio <= 1.2)}); "
+        f"peak memory {last[0]}× / {first[0]}×: {memory_ratio:.2f} (target ≤ 1.25: {_verdict(memory_ratio <= 1.25)}); "
+        f"at {scaling[-1][0]}×: time per Mpx {(scaling[-1][2] / scaling[-1][1]) / (first[2] / first[1]):.2f}, "
+        f"peak memory {scaling[-1][4] / first[4]:.2f} × the 1× run's."
+    )
+    say("")
+    say(
+        f"**4. Where the time goes** (one cProfile'd U-Net run on the {profiled}× scene; profiling slows "
+        "Python-heavy parts)."
+    )
+    say("")
+    say("| step | seconds |")
+    say("|---|---:|")
+    for step, seconds in steps.items():
+        say(f"| {step} | {seconds:.2f} |")
+    say("")
+    say("| stage (whole run) | seconds |")
+    say("|---|---:|")
+    for stage, seconds in sorted(stages.items(), key=lambda item: -item[1]):
+        say(f"| {stage} | {seconds:.2f} |")
+    say("")
     text = "\n".join(lines)
     print(text)
-    print(
-        json.dumps(
-            {"patches": patches, "baseline_s": baseline_seconds, "predict_s": predict_seconds, "ratio": ratio}
-        )
-    )
     if args.write:
-        if not args.write.exists():
-            args.write.write_text("# Benchmarks\n\n")
-        with args.write.open("a") as f:
-            f.write(text + "\n")
+        document = (
+            args.write.read_text() if args.write.exists() else f"# Benchmarks\n\n{MARK_START}\n{MARK_END}\n"
+        )
+        head, _, rest = document.partition(MARK_START)
+        _, _, tail = rest.partition(MARK_END)
+        args.write.write_text(f"{head}{MARK_START}\n{text}\n{MARK_END}{tail}")
     return 0
 
 

@@ -37,7 +37,9 @@ def _patches(out, prefix="patches"):
     return [decode_example(r) for s in list_shards(out, prefix) for r in read_records(s)]
 
 
-def test_patches_with_margin_match_the_scene_and_fill_outside(tmp_path):
+@pytest.mark.parametrize("block_width", [4096, 40, 20])  # one block per patch row, or several
+def test_patches_with_margin_match_the_scene_and_fill_outside(tmp_path, monkeypatch, block_width):
+    monkeypatch.setattr("terrabeam.sources.raster.BLOCK_WIDTH", block_width)
     rng = np.random.default_rng(0)
     scene = rng.integers(1, 1000, (37, 53)).astype(np.int16)  # not a multiple of the patch size
     write_raster(tmp_path / "b.tif", scene, UTM)

@@ -6,6 +6,7 @@ then turns into Cloud-Optimized GeoTIFFs; memory holds one patch, not the map.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ _DEFAULT_COLORS = ["#1b9e77", "#f0f0f0", "#4b3f9e", "#d95f02", "#e7298a", "#66a6
 
 
 def _tiled_profile(grid: Grid, width: int, height: int, count: int, dtype: str, nodata) -> dict:
+    """An uncompressed tiled GeoTIFF: a scratch file read once by the COG conversion, which compresses."""
     return {
         "driver": "GTiff",
         "width": width,
@@ -40,7 +42,6 @@ def _tiled_profile(grid: Grid, width: int, height: int, count: int, dtype: str, 
         "tiled": True,
         "blockxsize": 256,
         "blockysize": 256,
-        "compress": "deflate",
     }
 
 
@@ -108,15 +109,16 @@ def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) ->
             f"{predict_dir} hold {index} records"
         )
 
-    written: list[Path] = []
+    tags = {"class_names": ",".join(classes)}
+    jobs = []  # (output path, COG conversion arguments)
     if outputs.class_map:
-        path = out_dir / f"{stem}-classes.tif"
-        _to_cog(raw_classes, path, "mode", {"class_names": ",".join(classes)})
-        written.append(path)
+        jobs.append((out_dir / f"{stem}-classes.tif", (raw_classes, "mode", tags, None)))
     if prob_ds is not None:
-        path = out_dir / f"{stem}-probabilities.tif"
-        _to_cog(raw_probs, path, "average", {"class_names": ",".join(classes)}, band_names=classes)
-        written.append(path)
+        jobs.append((out_dir / f"{stem}-probabilities.tif", (raw_probs, "average", tags, classes)))
+    # Compression runs inside GDAL without the GIL: convert the two files side by side.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda job: _to_cog(job[1][0], job[0], *job[1][1:]), jobs))
+    written = [path for path, _ in jobs]
     if outputs.quicklook:
         path = out_dir / f"{stem}-quicklook.png"
         colors = [
@@ -130,7 +132,7 @@ def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) ->
 
 
 def _to_cog(
-    source: Path, target: Path, resampling: str, tags: dict[str, str], band_names: list[str] | None = None
+    source: Path, target: Path, resampling: str, tags: dict[str, str], band_names: list[str] | None
 ) -> None:
     if band_names:
         with rasterio.open(source, "r+") as ds:
@@ -141,6 +143,7 @@ def _to_cog(
         cog_profiles.get("deflate"),
         overview_resampling=resampling,
         additional_cog_metadata=tags,
+        in_memory=False,  # rio-cogeo would hold rasters under 120 Mpx in memory: keep memory flat
         quiet=True,
     )
 

@@ -1,12 +1,16 @@
 """Export step from GDAL-readable rasters: warp onto the target grid, scale, derive, cut into patches.
 
-Reads one strip of patches (patch height + kernel margin rows, full grid width) at a time, so
-memory depends on the grid's width, never on the scene's height.
+Reads one block of patches at a time (one patch row, at most ~2048 px wide, plus the kernel
+margin), so memory does not depend on the scene's size.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +29,8 @@ from terrabeam.errors import GridMismatchError, InputError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, ShardedWriter, manifest_path, mixer_path
 from terrabeam.tfrecord import encode_example
+
+BLOCK_WIDTH = 2048  # pixels of patch cores read per block
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,16 @@ class ExportResult:
     shards: list[Path]
 
 
+def _blocks(grid: Grid) -> Iterator[tuple[int, int, int]]:
+    """(patch row, first column, column after the last) of each block of patches read at once, in
+    patch order: one patch row, at most ~BLOCK_WIDTH pixels wide."""
+    per_block = max(1, BLOCK_WIDTH // grid.patch_width)
+    for row in range(grid.patch_rows):
+        in_row = min(grid.patches_per_row, grid.total_patches - row * grid.patches_per_row)
+        for first in range(0, in_row, per_block):
+            yield row, first, min(in_row, first + per_block)
+
+
 def export_rasters(config: PipelineConfig, out_dir: Path) -> ExportResult:
     """Write Earth Engine-layout shards, mixer and manifest for the configured rasters into ``out_dir``."""
     region = target_region(config)
@@ -185,19 +201,24 @@ def export_rasters(config: PipelineConfig, out_dir: Path) -> ExportResult:
     kernel = config.grid.kernel_size
     kw, kh = kernel
     pw, ph = grid.patch_width, grid.patch_height
-    readers: list[_BandReader] = []
     writer = ShardedWriter(
         out_dir, config.export.prefix, config.export.max_file_size, config.export.compression_level
     )
-    try:
+    with ExitStack() as stack:
+        stack.callback(writer.close)
+        readers: list[_BandReader] = []
         for name in config.source.bands:
             readers.append(_BandReader(config, name, grid, kernel))
-        for row in range(grid.patch_rows):
-            window = Window(0, row * ph, grid.width + kw, ph + kh)
+            stack.callback(readers[-1].close)
+        # GDAL releases the GIL while it reads and warps: read the bands of a strip in parallel.
+        pool = ThreadPoolExecutor(max_workers=min(len(readers), os.cpu_count() or 1))
+        stack.callback(pool.shutdown)
+        for row, first, last in _blocks(grid):
+            window = Window(first * pw, row * ph, (last - first) * pw + kw, ph + kh)
             bands: dict[str, np.ndarray] = {}
             valid_all = None
-            for reader in readers:
-                values, valid = reader.read(window)
+            reads = pool.map(_BandReader.read, readers, [window] * len(readers))
+            for reader, (values, valid) in zip(readers, reads, strict=True):
                 bands[reader.name] = values
                 valid_all = valid if valid_all is None else valid_all & valid
             for name, expression in config.source.derived.items():
@@ -206,16 +227,10 @@ def export_rasters(config: PipelineConfig, out_dir: Path) -> ExportResult:
                 fill = np.float32(config.source.fill_value)
                 derived[~valid_all | ~np.isfinite(derived)] = fill
                 bands[name] = derived
-            for col in range(grid.patches_per_row):
-                if row * grid.patches_per_row + col >= grid.total_patches:
-                    break
-                x0 = col * pw
+            for col in range(first, last):
+                x0 = (col - first) * pw
                 patch = {name: values[:, x0 : x0 + pw + kw] for name, values in bands.items()}
                 writer.write(encode_example(patch))
-    finally:
-        writer.close()
-        for reader in readers:
-            reader.close()
     grid.write_mixer(mixer_path(out_dir, config.export.prefix))
     manifest = ExportManifest(
         kernel_size=list(kernel),

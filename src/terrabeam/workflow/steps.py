@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import rasterio
 
 from terrabeam.config import PipelineConfig
 from terrabeam.predict.models import probe_model
@@ -20,6 +23,8 @@ from terrabeam.predict.pipeline import run_predict
 from terrabeam.sinks.geotiff import deliver_geotiff
 from terrabeam.sources.raster import export_rasters
 from terrabeam.workspace import Workspace
+
+GDAL_CACHE_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -29,9 +34,25 @@ class StepReport:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@contextmanager
+def gdal_env() -> Iterator[None]:
+    """GDAL settings for a step: a small fixed block cache, emptied when the step ends.
+
+    GDAL's default cache is 5 % of RAM and fills as a large scene streams through, so memory would
+    grow with the scene; strip-by-strip reading needs only a strip's blocks. An explicit
+    GDAL_CACHEMAX in the environment wins.
+    """
+    # rasterio hands GDAL_CACHEMAX to GDALSetCacheMax64: the value is in bytes, not megabytes.
+    options = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_BYTES}
+    with rasterio.Env(**options):
+        yield
+    with rasterio.Env(GDAL_CACHEMAX=0):  # shrinking the cache to nothing frees its blocks
+        pass
+
+
 def export_step(config: PipelineConfig, workspace: Workspace) -> StepReport:
     start = time.perf_counter()
-    with workspace.staging("export") as staging:
+    with workspace.staging("export") as staging, gdal_env():
         result = export_rasters(config, staging)
     return StepReport(
         "export",
@@ -71,7 +92,7 @@ def predict_step(
 def deliver_step(config: PipelineConfig, workspace: Workspace) -> StepReport:
     start = time.perf_counter()
     predict_dir = workspace.require_step("predict")
-    with workspace.staging("deliver") as staging:
+    with workspace.staging("deliver") as staging, gdal_env():
         outputs = deliver_geotiff(config, predict_dir, staging)
     final = workspace.step_dir("deliver")
     return StepReport(
