@@ -37,7 +37,7 @@ STAGES = {
 # (seconds summed over threads). stage → (object, attribute)
 THREADED = {
     "raster read + warp (export, in threads)": (raster._BandReader, "read"),
-    "COG conversion (deliver, in threads)": (geotiff, "_to_cog"),
+    "COG conversion (deliver)": (geotiff, "_to_cog"),
 }
 
 
