@@ -66,7 +66,7 @@ def io_bound(config: PipelineConfig, export_dir: Path, out_dir: Path) -> tuple[f
     kw, kh = config.grid.kernel_size
     classes = config.model.classes
     logits = np.random.default_rng(0).normal(size=(len(classes), h, w)).astype(np.float32)
-    post = PostProcess(classes, (kw // 2, kh // 2), logits=True)
+    post = PostProcess(classes, (h - kh, w - kw), "logits")
     bands = frozenset(config.model.input_bands)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = 0

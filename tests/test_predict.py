@@ -57,7 +57,7 @@ def test_pipeline_flags_config_first_command_line_wins():
 def test_postprocess_softmax_argmax_and_crop():
     rng = np.random.default_rng(5)
     logits = rng.normal(size=(3, 12, 10)).astype(np.float32)
-    features = PostProcess(["a", "b", "c"], margin=(2, 1), logits=True).features(logits)
+    features = PostProcess(["a", "b", "c"], core=(10, 6), output="logits").features(logits)
     core = logits[:, 1:-1, 2:-2]
     expected = np.exp(core) / np.exp(core).sum(axis=0)
     np.testing.assert_allclose(np.stack([features[f"prob_{c}"] for c in "abc"]), expected, rtol=1e-5)

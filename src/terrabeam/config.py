@@ -135,40 +135,77 @@ class ExportConfig(_Strict):
 
 
 class Normalization(_Strict):
-    """(x - mean) / std per input band."""
+    """Per input band: (x - mean) / std, or x × scale + offset."""
 
-    mean: list[float]
-    std: list[float]
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    scale: list[float] | None = None
+    offset: list[float] | None = None
 
     @model_validator(mode="after")
-    def _lengths(self) -> Normalization:
-        if len(self.mean) != len(self.std):
-            raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
-        if any(s == 0 for s in self.std):
+    def _one_form(self) -> Normalization:
+        pairs = {"mean/std": (self.mean, self.std), "scale/offset": (self.scale, self.offset)}
+        given = [name for name, (a, b) in pairs.items() if a is not None or b is not None]
+        if len(given) != 1:
+            raise ValueError("give either mean and std, or scale and offset")
+        a, b = pairs[given[0]]
+        if a is None or b is None or len(a) != len(b):
+            raise ValueError(f"{given[0]} need the same number of values, one per input band")
+        if self.std is not None and any(s == 0 for s in self.std):
             raise ValueError("std must not contain 0")
         return self
 
+    def factors(self) -> tuple[list[float], list[float]]:
+        """(multiply, add) per band: normalised = x × multiply + add."""
+        if self.mean is not None and self.std is not None:
+            return [1 / s for s in self.std], [-m / s for m, s in zip(self.mean, self.std, strict=True)]
+        return list(self.scale or []), list(self.offset or [])
+
+
+Framework = Literal["onnx", "tensorflow", "torch", "sklearn", "lightgbm"]
+
 
 class ModelConfig(_Strict):
-    path: str
-    framework: Literal["onnx"] = "onnx"
+    path: str = Field(
+        description="ONNX file, TF SavedModel folder or .keras, TorchScript / torch.export "
+        ".pt2, scikit-learn joblib/pickle, LightGBM booster text file"
+    )
+    framework: Framework = "onnx"
+    kind: Literal["per_patch", "per_pixel"] = Field(
+        "per_patch", description="per_patch: (N, C, H, W) or (N, H, W, C) in; per_pixel: (pixels, bands) in"
+    )
+    layout: Literal["NCHW", "NHWC"] = Field("NCHW", description="per_patch models: where the bands are")
     input_bands: list[str] = Field(min_length=1)
     normalization: Normalization | None = None
-    output: Literal["logits", "probabilities"] = Field(
-        "logits", description="what the model returns per class; logits get a softmax"
+    nodata: float | None = Field(
+        None, description="input value (before normalisation) marking masked pixels; NaN always does"
     )
-    classes: list[str] = Field(min_length=2)
+    output: Literal["logits", "probabilities", "regression"] = Field(
+        "logits", description="logits get a softmax; regression bands are written as float32"
+    )
+    classes: list[str] | None = Field(None, min_length=2, description="class names, model output order")
+    regression_bands: list[str] | None = Field(None, min_length=1, description="names of regression outputs")
     batch_size: int = Field(4, ge=1, description="patches per model call")
-    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: all cores)")
+    threads: int = Field(0, ge=0, description="intra-op threads per worker (0: the framework's default)")
 
     @model_validator(mode="after")
-    def _normalization_matches(self) -> ModelConfig:
-        if self.normalization is not None and len(self.normalization.mean) != len(self.input_bands):
-            raise ValueError(
-                f"normalization has {len(self.normalization.mean)} values for "
-                f"{len(self.input_bands)} input_bands {self.input_bands}"
-            )
+    def _consistent(self) -> ModelConfig:
+        if self.normalization is not None:
+            count = len(self.normalization.factors()[0])
+            if count != len(self.input_bands):
+                raise ValueError(
+                    f"normalization has {count} values for {len(self.input_bands)} input_bands {self.input_bands}"
+                )
+        if self.output == "regression" and not self.regression_bands:
+            raise ValueError("output: regression needs regression_bands (names of the outputs)")
+        if self.output != "regression" and not self.classes:
+            raise ValueError(f"output: {self.output} needs classes (names in the model's output order)")
         return self
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the model's outputs, in order (classes or regression bands)."""
+        return list(self.regression_bands if self.output == "regression" else self.classes or [])
 
 
 class PredictConfig(_Strict):
@@ -231,7 +268,7 @@ class PipelineConfig(_Strict):
             raise ValueError(
                 f"model.input_bands {missing} are not bands of the source; source bands: {exported}"
             )
-        unknown = sorted(set(self.outputs.colors) - set(self.model.classes))
+        unknown = sorted(set(self.outputs.colors) - set(self.model.classes or []))
         if unknown:
             raise ValueError(f"outputs.colors names {unknown}, not in model.classes {self.model.classes}")
         return self

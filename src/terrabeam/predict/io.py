@@ -40,21 +40,25 @@ class ReadKeyedRecords(beam.DoFn):
 
 
 class DecodePatch(beam.DoFn):
-    """Serialized Example → (C, H, W) float32 model input, bands in model order, normalised."""
+    """Serialized Example → (C, H, W) float32 model input: bands in model order, normalised, NaN where
+    masked (the model's nodata value, or NaN, in any band)."""
 
     def __init__(
         self,
         shard_paths: Sequence[str],
         bands: Sequence[str],
         shape: tuple[int, int],
-        mean: Sequence[float] | None,
-        std: Sequence[float] | None,
+        normalization: tuple[Sequence[float], Sequence[float]] | None,
+        nodata: float | None,
     ) -> None:
         self.shard_paths = list(shard_paths)
         self.bands = list(bands)
         self.shape = shape
-        self.mean = None if mean is None else np.asarray(mean, np.float32)[:, None, None]
-        self.std = None if std is None else np.asarray(std, np.float32)[:, None, None]
+        self.multiply = self.add = None
+        if normalization is not None:
+            self.multiply = np.asarray(normalization[0], np.float32)[:, None, None]
+            self.add = np.asarray(normalization[1], np.float32)[:, None, None]
+        self.nodata = nodata
 
     def process(self, element: tuple[PatchKey, bytes]) -> Iterator[tuple[PatchKey, np.ndarray]]:
         key, payload = element
@@ -76,33 +80,48 @@ class DecodePatch(beam.DoFn):
                     f"{height * width} (patch size + kernel margin); check grid.kernel_size"
                 )
             patch[i] = np.reshape(values, (height, width))
-        if self.mean is not None:
-            patch -= self.mean
-            patch /= self.std
+        masked = (patch == self.nodata).any(axis=0) if self.nodata is not None else None
+        if self.multiply is not None:
+            patch *= self.multiply
+            patch += self.add
+        if masked is not None and masked.any():
+            patch[:, masked] = np.nan
         yield key, patch
 
 
-class PostProcess(beam.DoFn):
-    """Model output (K, H, W) → Example at core size: ``class`` (int64 argmax) + ``prob_<class>`` floats."""
+NODATA_CLASS = 255  # class value of masked pixels (the class map's nodata)
 
-    def __init__(self, classes: Sequence[str], margin: tuple[int, int], logits: bool) -> None:
-        self.classes = list(classes)
-        self.margin = margin  # (kw/2, kh/2)
-        self.logits = logits
+
+class PostProcess(beam.DoFn):
+    """Model output (K, H, W) → Example at core size.
+
+    Classification: ``class`` (int64 argmax, 255 where masked) + ``prob_<class>`` floats (softmax of
+    logits); regression: one float band per output name. Masked pixels are NaN in float bands.
+    """
+
+    def __init__(self, names: Sequence[str], core: tuple[int, int], output: str) -> None:
+        self.names = list(names)
+        self.core = core  # (height, width) of a patch without its margin
+        self.output = output
 
     def process(self, element: tuple[PatchKey, PredictionResult]) -> Iterator[tuple[int, tuple[int, bytes]]]:
         key, result = element
         yield key.shard, (key.position, encode_example(self.features(np.asarray(result.inference))))
 
     def features(self, output: np.ndarray) -> dict[str, np.ndarray]:
-        mx, my = self.margin
         _, height, width = output.shape
-        core = output[:, my : height - my, mx : width - mx].astype(np.float32, copy=False)
-        if self.logits:
+        my, mx = (height - self.core[0]) // 2, (width - self.core[1]) // 2
+        core = output[:, my : my + self.core[0], mx : mx + self.core[1]].astype(np.float32, copy=False)
+        if self.output == "regression":
+            return {name: core[i] for i, name in enumerate(self.names)}
+        if self.output == "logits":
             core = np.exp(core - core.max(axis=0, keepdims=True))
             core /= core.sum(axis=0, keepdims=True)
-        features = {"class": np.argmax(core, axis=0).astype(np.int64)}
-        for i, name in enumerate(self.classes):
+        valid = np.isfinite(core).all(axis=0)
+        labels = np.argmax(np.where(valid, core, 0), axis=0).astype(np.int64)
+        labels[~valid] = NODATA_CLASS
+        features = {"class": labels}
+        for i, name in enumerate(self.names):
             features[f"prob_{name}"] = core[i]
         return features
 

@@ -1,50 +1,93 @@
-"""Model handlers for Beam's RunInference, and the probe that checks a model fits the config.
+"""The model inside Beam's RunInference: one handler for every framework, per-patch or per-pixel.
 
-The ONNX handler is Beam's own ``OnnxModelHandlerNumpy``; terrabeam adds thread settings (so
-several local workers do not oversubscribe the cores) and batching by whole patches.
+A batch is a list of normalised patches (C, H, W) with NaN where the input is masked. Per-patch
+models see the whole batch at once in their layout; per-pixel models see every unmasked core pixel
+of the batch in one (pixels, bands) call, never one pixel per call. Either way each patch comes
+back as (outputs, H, W) with NaN where masked.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime as ort
-from apache_beam.ml.inference.onnx_inference import OnnxModelHandlerNumpy
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from terrabeam.config import ModelConfig
 from terrabeam.errors import ModelError
+from terrabeam.predict.frameworks import Predictor, load_predictor
 
 
-class OnnxPatchModelHandler(OnnxModelHandlerNumpy):
-    """Beam's ONNX handler, batching ``batch_size`` patches (C, H, W) per call, with set thread counts."""
+def run_model(
+    predictor: Predictor, batch: np.ndarray, model: ModelConfig, margin: tuple[int, int]
+) -> np.ndarray:
+    """(N, C, H, W) normalised input with NaN where masked → (N, outputs, h, w), NaN where masked.
 
-    def __init__(self, model_uri: str, batch_size: int, threads: int = 0) -> None:
-        super().__init__(
-            model_uri,
-            providers=ort.get_available_providers(),
-            min_batch_size=1,
-            max_batch_size=batch_size,
-        )
-        self._threads = threads
+    Per-pixel models only see the core (the margin is cut first: they need no context).
+    """
+    if model.kind == "per_pixel":
+        mx, my = margin
+        core = batch[:, :, my : batch.shape[2] - my, mx : batch.shape[3] - mx]
+        n, c, h, w = core.shape
+        pixels = np.ascontiguousarray(core.transpose(0, 2, 3, 1)).reshape(-1, c)
+        valid = ~np.isnan(pixels).any(axis=1)
+        result = None
+        if valid.any():
+            values = np.asarray(predictor(pixels[valid] if not valid.all() else pixels), dtype=np.float32)
+            values = values.reshape(int(valid.sum()), -1)
+            result = np.full((pixels.shape[0], values.shape[1]), np.nan, dtype=np.float32)
+            result[valid] = values
+        else:
+            result = np.full((pixels.shape[0], len(model.output_names)), np.nan, dtype=np.float32)
+        return result.reshape(n, h, w, -1).transpose(0, 3, 1, 2)
+    masked = np.isnan(batch).any(axis=1)
+    inputs = np.nan_to_num(batch, nan=0.0)
+    if model.layout == "NHWC":
+        inputs = np.ascontiguousarray(inputs.transpose(0, 2, 3, 1))
+    output = np.asarray(predictor(inputs), dtype=np.float32)
+    if model.layout == "NHWC" and output.ndim == 4:
+        output = output.transpose(0, 3, 1, 2)
+    if masked.any():
+        output = output.copy()
+        output[np.broadcast_to(masked[:, None], output.shape)] = np.nan
+    return output
 
-    def load_model(self) -> ort.InferenceSession:
-        # SessionOptions cannot be pickled, so they are built here, on the worker.
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self._threads
-        self._session_options = options
-        return super().load_model()
+
+class PatchModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
+    """Beam ModelHandler for any framework: loaded once per worker, batched by whole patches."""
+
+    def __init__(self, model: ModelConfig, model_path: str, margin: tuple[int, int]) -> None:
+        super().__init__()
+        self._model = model
+        self._path = model_path
+        self._margin = margin
+
+    def load_model(self) -> Predictor:
+        task = "regression" if self._model.output == "regression" else "classification"
+        return load_predictor(self._model.framework, self._path, self._model.threads, task)
+
+    def run_inference(
+        self, batch: Sequence[np.ndarray], model: Predictor, inference_args: dict[str, Any] | None = None
+    ) -> list[PredictionResult]:
+        outputs = run_model(model, np.stack(batch), self._model, self._margin)
+        return [PredictionResult(patch, output) for patch, output in zip(batch, outputs, strict=True)]
+
+    def batch_elements_kwargs(self) -> dict[str, int]:
+        return {"min_batch_size": 1, "max_batch_size": self._model.batch_size}
+
+    def get_metrics_namespace(self) -> str:
+        return f"terrabeam_{self._model.framework}"
 
 
 @dataclass(frozen=True)
 class ModelSignature:
-    """What the model accepts and returns, read from the model and one probe call."""
+    """What the model returns for one probe patch: (outputs, H, W) after terrabeam's handling."""
 
-    channels: int
-    height: int | None
-    width: int | None
-    classes: int
+    outputs: int
+    height: int
+    width: int
 
 
 def _declared_dims(value_info) -> list[int | None]:
@@ -52,58 +95,77 @@ def _declared_dims(value_info) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
 
 
-def _load_graph(path: str) -> onnx.GraphProto:
+def _check_onnx_input(model: ModelConfig, path: str, patch_shape: tuple[int, int]) -> None:
+    """ONNX files declare their input shape: compare it with the config before loading the model."""
+    import onnx
+
     try:
-        return onnx.load(path, load_external_data=False).graph
+        graph = onnx.load(path, load_external_data=False).graph
     except FileNotFoundError:
         raise ModelError(f"model.path: ONNX model not found: {path}") from None
     except Exception as exc:  # onnx raises DecodeError and others for files that are not models
         raise ModelError(f"model.path: cannot read ONNX model {path}: {exc}") from None
-
-
-def probe_model(config: ModelConfig, model_path: str, patch_shape: tuple[int, int]) -> ModelSignature:
-    """Check the model's declared shapes, then run it once on one patch of ``patch_shape`` (H, W).
-
-    Mismatches fail naming both sides. The probe session skips graph optimisation, which costs more
-    than the single call it serves.
-    """
-    graph = _load_graph(model_path)
     weights = {init.name for init in graph.initializer}
     inputs = [i for i in graph.input if i.name not in weights]
     if len(inputs) != 1:
-        raise ModelError(f"{model_path}: expects {len(inputs)} inputs; terrabeam feeds one (N, C, H, W)")
-    shape = _declared_dims(inputs[0])
-    if len(shape) != 4:
-        raise ModelError(f"{model_path}: input {inputs[0].name} has shape {shape}; expected (N, C, H, W)")
-    _, channels, height, width = shape
-    bands = len(config.input_bands)
+        raise ModelError(f"{path}: expects {len(inputs)} inputs; terrabeam feeds one array")
+    dims = _declared_dims(inputs[0])
+    bands = len(model.input_bands)
+    expected = 2 if model.kind == "per_pixel" else 4
+    if len(dims) != expected:
+        raise ModelError(
+            f"{path}: input {inputs[0].name} has shape {dims}; a {model.kind} model needs "
+            f"{'(pixels, bands)' if expected == 2 else '(N, C, H, W) or (N, H, W, C)'}"
+        )
+    if model.kind == "per_pixel":
+        channels, spatial = dims[1], (None, None)
+    elif model.layout == "NCHW":
+        channels, spatial = dims[1], (dims[2], dims[3])
+    else:
+        channels, spatial = dims[3], (dims[1], dims[2])
     if channels is not None and channels != bands:
         raise ModelError(
-            f"{model_path}: model expects {channels} input channels but model.input_bands gives "
-            f"{bands} {config.input_bands}"
+            f"{path}: model expects {channels} input channels but model.input_bands gives "
+            f"{bands} {model.input_bands}"
         )
     h, w = patch_shape
-    if (height is not None and height != h) or (width is not None and width != w):
+    if any(d is not None and d != want for d, want in zip(spatial, (h, w), strict=True)):
         raise ModelError(
-            f"{model_path}: model expects patches of {height}×{width} (H×W) but the grid gives "
+            f"{path}: model expects patches of {spatial[0]}×{spatial[1]} (H×W) but the grid gives "
             f"{h}×{w} (patch_size + kernel_size); change grid.patch_size or grid.kernel_size"
         )
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    probe = np.zeros((1, bands, h, w), dtype=np.float32)
+
+
+def probe_model(
+    model: ModelConfig, model_path: str, patch_shape: tuple[int, int], margin: tuple[int, int] = (0, 0)
+) -> ModelSignature:
+    """Load the model and run it once on one zero patch of ``patch_shape`` (H, W), as the pipeline
+    will; fail before any work if bands, layout, patch size or output count do not fit the config."""
+    if model.framework == "onnx":
+        _check_onnx_input(model, model_path, patch_shape)
+    handler = PatchModelHandler(model, model_path, margin)
+    predictor = handler.load_model()
+    h, w = patch_shape
+    probe = np.zeros((1, len(model.input_bands), h, w), dtype=np.float32)
     try:
-        session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
-        output = session.run(None, {inputs[0].name: probe})[0]
-    except Exception as exc:  # ORT raises its own exception types
-        raise ModelError(f"{model_path}: failed on a {probe.shape} probe input: {exc}") from None
-    if output.ndim != 4 or output.shape[2:] != (h, w):
+        output = run_model(predictor, probe, model, margin)
+    except ModelError:
+        raise
+    except Exception as exc:  # frameworks raise their own types on shape mismatches
         raise ModelError(
-            f"{model_path}: output shape {output.shape} for input {probe.shape}; expected "
-            f"(N, classes, {h}, {w})"
-        )
-    if output.shape[1] != len(config.classes):
+            f"{model_path}: failed on a probe patch of {len(model.input_bands)} bands "
+            f"{model.input_bands}, {h}×{w} px ({model.kind}, {model.layout}): {exc}"
+        ) from None
+    names = model.output_names
+    if output.ndim != 4 or output.shape[1] != len(names):
         raise ModelError(
-            f"{model_path}: model returns {output.shape[1]} classes but model.classes lists "
-            f"{len(config.classes)} {config.classes}"
+            f"{model_path}: model returns {output.shape[1] if output.ndim == 4 else output.shape} outputs "
+            f"but the config names {len(names)} {names} (model.classes / model.regression_bands)"
         )
-    return ModelSignature(bands, height, width, int(output.shape[1]))
+    core = (h - 2 * margin[1], w - 2 * margin[0])
+    if output.shape[2:] not in ((h, w), core):
+        raise ModelError(
+            f"{model_path}: output of {output.shape[2]}×{output.shape[3]} px for a {h}×{w} input; "
+            "the model must keep the patch size"
+        )
+    return ModelSignature(output.shape[1], output.shape[2], output.shape[3])

@@ -29,7 +29,7 @@ from terrabeam.predict.io import (
     StreamShardsInOrder,
     WriteShard,
 )
-from terrabeam.predict.models import OnnxPatchModelHandler, probe_model
+from terrabeam.predict.models import PatchModelHandler, probe_model
 from terrabeam.tfrecord import count_records
 
 
@@ -92,15 +92,14 @@ def run_predict(
     kw, kh = manifest.kernel_size
     shape = (grid.patch_height + kh, grid.patch_width + kw)
     model_path = str(config.resolve(config.model.path))
+    margin = (kw // 2, kh // 2)
     if probe:
-        probe_model(config.model, model_path, shape)
+        probe_model(config.model, model_path, shape, margin)
 
     compressed = config.predict.compression_level > 0
     names = [shard_name(config.predict.prefix, i, compressed) for i in range(len(shards))]
     norm = config.model.normalization
-    handler = KeyedModelHandler(
-        OnnxPatchModelHandler(model_path, config.model.batch_size, config.model.threads)
-    )
+    handler = KeyedModelHandler(PatchModelHandler(config.model, model_path, margin))
     options = PipelineOptions(
         pipeline_flags(config.predict.runner, config.predict.pipeline_options, beam_args)
     )
@@ -118,13 +117,15 @@ def run_predict(
                 [str(p) for p in shards],
                 config.model.input_bands,
                 shape,
-                norm.mean if norm else None,
-                norm.std if norm else None,
+                norm.factors() if norm else None,
+                config.model.nodata,
             )
         )
         | "RunInference" >> RunInference(handler)
         | "PostProcess"
-        >> beam.ParDo(PostProcess(config.model.classes, (kw // 2, kh // 2), config.model.output == "logits"))
+        >> beam.ParDo(
+            PostProcess(config.model.output_names, (grid.patch_height, grid.patch_width), config.model.output)
+        )
     )
     level = config.predict.compression_level
     if reshuffle:  # records of a shard are spread over workers: bring them together, then write
@@ -153,10 +154,17 @@ def run_predict(
         kernel_size=[0, 0],
         region_width=manifest.region_width,
         region_height=manifest.region_height,
-        bands=["class", *(f"prob_{c}" for c in config.model.classes)],
+        bands=prediction_bands(config),
         shard_records=counts,
     ).write(manifest_path(out_dir, config.predict.prefix))
     return PredictResult(grid, manifest, out_shards, written)
+
+
+def prediction_bands(config: PipelineConfig) -> list[str]:
+    """Band names of the prediction records, in the order deliver writes them."""
+    if config.model.output == "regression":
+        return list(config.model.output_names)
+    return ["class", *(f"prob_{c}" for c in config.model.output_names)]
 
 
 def _shard_counts(out_shards: list[Path], manifest: ExportManifest, grid: Grid) -> list[int]:

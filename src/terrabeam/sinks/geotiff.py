@@ -6,6 +6,8 @@ then turns into Cloud-Optimized GeoTIFFs; memory holds one patch, not the map.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,31 +51,54 @@ def _hex_to_rgb(color: str) -> tuple[int, int, int]:
     return int(value[0:2], 16), int(value[2:4], 16), int(value[4:6], 16)
 
 
+@dataclass(frozen=True)
+class _Layer:
+    """One output file: which prediction bands go into it, as what type."""
+
+    stem: str
+    bands: list[str]
+    dtype: str
+    nodata: float
+    resampling: str
+    descriptions: list[str]
+
+
+def _layers(config: PipelineConfig, bands: list[str]) -> list[_Layer]:
+    outputs = config.outputs
+    if "class" not in bands:  # regression: one float file with a band per output
+        return [_Layer("values", bands, "float32", float("nan"), "average", bands)]
+    classes = [band.removeprefix("prob_") for band in bands if band.startswith("prob_")]
+    layers = [_Layer("classes", ["class"], "uint8", CLASS_NODATA, "mode", ["class"])]
+    if outputs.probabilities:
+        prob_bands = [f"prob_{c}" for c in classes]
+        layers.append(_Layer("probabilities", prob_bands, "float32", float("nan"), "average", classes))
+    return layers
+
+
 def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) -> list[Path]:
     """Assemble the prediction shards in ``predict_dir`` into the configured outputs in ``out_dir``."""
     prefix = config.predict.prefix
     grid = Grid.read_mixer(mixer_path(predict_dir, prefix))
     manifest = ExportManifest.read(manifest_path(predict_dir, prefix))
-    classes = [band.removeprefix("prob_") for band in manifest.bands if band.startswith("prob_")]
     width, height = manifest.region_width, manifest.region_height
     shards = list_shards(predict_dir, prefix)
     outputs = config.outputs
     stem = config.name
-
-    raw_classes = out_dir / f".{stem}-classes.raw.tif"
-    raw_probs = out_dir / f".{stem}-probabilities.raw.tif"
-    class_ds = rasterio.open(
-        raw_classes, "w", **_tiled_profile(grid, width, height, 1, "uint8", CLASS_NODATA)
-    )
-    prob_ds = (
-        rasterio.open(
-            raw_probs, "w", **_tiled_profile(grid, width, height, len(classes), "float32", float("nan"))
-        )
-        if outputs.probabilities
-        else None
-    )
+    layers = _layers(config, manifest.bands)
+    raw = {layer.stem: out_dir / f".{stem}-{layer.stem}.raw.tif" for layer in layers}
+    shape = (grid.patch_height, grid.patch_width)
     index = 0
-    try:
+    with ExitStack() as stack:
+        files = {
+            layer.stem: stack.enter_context(
+                rasterio.open(
+                    raw[layer.stem],
+                    "w",
+                    **_tiled_profile(grid, width, height, len(layer.bands), layer.dtype, layer.nodata),
+                )
+            )
+            for layer in layers
+        }
         for shard in shards:
             for payload in read_records(shard):
                 if index >= grid.total_patches:
@@ -88,44 +113,40 @@ def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) ->
                 if rows <= 0 or cols <= 0:
                     continue  # a padding patch wholly outside the true region
                 target = Window(window.col_off, window.row_off, cols, rows)
-                shape = (grid.patch_height, grid.patch_width)
-                if "class" not in features:
-                    raise InputError(f"{shard} record {index - 1}: no 'class' band; has {sorted(features)}")
-                labels = np.asarray(features["class"]).reshape(shape)[:rows, :cols]
-                class_ds.write(labels.astype(np.uint8)[None], window=target)
-                if prob_ds is not None:
-                    probs = np.stack(
-                        [np.asarray(features[f"prob_{c}"]).reshape(shape)[:rows, :cols] for c in classes]
+                for layer in layers:
+                    missing = [b for b in layer.bands if b not in features]
+                    if missing:
+                        raise InputError(
+                            f"{shard} record {index - 1}: bands {missing} missing; has {sorted(features)}"
+                        )
+                    values = np.stack(
+                        [np.asarray(features[b]).reshape(shape)[:rows, :cols] for b in layer.bands]
                     )
-                    prob_ds.write(probs, window=target)
-    finally:
-        class_ds.close()
-        if prob_ds is not None:
-            prob_ds.close()
+                    files[layer.stem].write(values.astype(layer.dtype, copy=False), window=target)
     if index != grid.total_patches:
         raise RecordCountError(
             f"{mixer_path(predict_dir, prefix)}: totalPatches={grid.total_patches} but the shards in "
             f"{predict_dir} hold {index} records"
         )
 
-    tags = {"class_names": ",".join(classes)}
-    jobs = []  # (output path, COG conversion arguments)
-    if outputs.class_map:
-        jobs.append((out_dir / f"{stem}-classes.tif", (raw_classes, "mode", tags, None)))
-    if prob_ds is not None:
-        jobs.append((out_dir / f"{stem}-probabilities.tif", (raw_probs, "average", tags, classes)))
-    for path, (source, resampling, file_tags, band_names) in jobs:  # in parallel: no faster, 2× memory
-        _to_cog(source, path, resampling, file_tags, band_names)
-    written = [path for path, _ in jobs]
-    if outputs.quicklook:
+    written = []
+    for layer in layers:
+        if layer.stem == "classes" and not outputs.class_map:
+            continue
+        path = out_dir / f"{stem}-{layer.stem}.tif"
+        tags = {"bands": ",".join(layer.descriptions)}
+        _to_cog(raw[layer.stem], path, layer.resampling, tags, layer.descriptions)  # one at a time: memory
+        written.append(path)
+    if outputs.quicklook and "classes" in raw:
+        classes = [b.removeprefix("prob_") for b in manifest.bands if b.startswith("prob_")]
         path = out_dir / f"{stem}-quicklook.png"
         colors = [
             outputs.colors.get(c, _DEFAULT_COLORS[i % len(_DEFAULT_COLORS)]) for i, c in enumerate(classes)
         ]
-        write_quicklook(raw_classes, path, classes, colors)
+        write_quicklook(raw["classes"], path, classes, colors)
         written.append(path)
-    raw_classes.unlink(missing_ok=True)
-    raw_probs.unlink(missing_ok=True)
+    for path in raw.values():
+        path.unlink(missing_ok=True)
     return written
 
 

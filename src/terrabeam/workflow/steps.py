@@ -117,7 +117,7 @@ def validate_before_run(config: PipelineConfig) -> None:
     """Fail before any work if the model does not fit the configured bands and patch size."""
     kw, kh = config.grid.kernel_size
     pw, ph = config.grid.patch_size
-    probe_model(config.model, str(config.resolve(config.model.path)), (ph + kh, pw + kw))
+    probe_model(config.model, str(config.resolve(config.model.path)), (ph + kh, pw + kw), (kw // 2, kh // 2))
 
 
 def write_summary(config: PipelineConfig, workspace: Workspace, reports: list[StepReport]) -> Path:

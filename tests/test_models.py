@@ -1,0 +1,159 @@
+"""Model spec handling: optional frameworks stay optional, masked pixels never reach a per-pixel model
+and come out as nodata, regression outputs, validation messages. Synthetic scene (tiny_pipeline)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from importlib import metadata
+
+import numpy as np
+import pytest
+import rasterio
+from onnx import TensorProto, helper, numpy_helper
+
+from terrabeam.cli import main
+from terrabeam.errors import ModelError
+from terrabeam.predict.frameworks import require
+from terrabeam.predict.models import run_model
+
+
+def _closure(requirement_names: list[str]) -> set[str]:
+    """Names of the installed distributions a set of requirements pulls in, transitively."""
+    seen: set[str] = set()
+    todo = list(requirement_names)
+    while todo:
+        name = re.split(r"[\s<>=!~;\[(]", todo.pop(), maxsplit=1)[0].lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        todo.extend(r for r in requires if "extra ==" not in r)
+    return seen
+
+
+def test_base_install_does_not_pull_tensorflow_or_torch():
+    base = [r for r in metadata.requires("terrabeam") if "extra ==" not in r]
+    closure = _closure(base)
+    assert "onnxruntime" in closure and "apache-beam" in closure
+    heavy = {
+        n
+        for n in closure
+        if n.startswith(("tensorflow", "torch", "keras", "jax", "scikit-learn", "lightgbm"))
+    }
+    assert heavy == set()
+
+
+def test_missing_framework_names_the_extra():
+    with pytest.raises(ModelError, match=r"pip install 'terrabeam\[tensorflow\]'"):
+        require("tensorflow_is_not_installed_here", "tensorflow")
+
+
+def _pixel_matmul(path, weights: np.ndarray):
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "pixels",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["P", weights.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["P", weights.shape[1]])],
+        [numpy_helper.from_array(weights.astype(np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    import onnx
+
+    onnx.save(model, path)
+
+
+def test_per_pixel_model_never_sees_masked_pixels():
+    calls = []
+
+    def predictor(pixels):
+        calls.append(pixels.copy())
+        return pixels[:, :2] * 2
+
+    batch = np.arange(2 * 3 * 6 * 6, dtype=np.float32).reshape(2, 3, 6, 6)
+    batch[1, :, 3, 3] = np.nan
+    from terrabeam.config import ModelConfig
+
+    model = ModelConfig(path="m", input_bands=["a", "b", "c"], classes=["x", "y"], kind="per_pixel")
+    out = run_model(predictor, batch, model, margin=(1, 1))
+    assert len(calls) == 1  # one call for every pixel of the batch
+    assert calls[0].shape == (2 * 4 * 4 - 1, 3)  # core pixels only, the masked one left out
+    assert out.shape == (2, 2, 4, 4)
+    assert np.isnan(out[1, :, 2, 2]).all() and np.isfinite(out[0]).all()
+    np.testing.assert_array_equal(out[0, 0], batch[0, 0, 1:5, 1:5] * 2)
+
+
+def test_nodata_pixels_become_nodata_in_the_maps(tmp_path, tiny_pipeline):
+    document, write = tiny_pipeline
+    for band in ("red", "green", "nir"):
+        with rasterio.open(document["source"]["bands"][band]["path"], "r+") as ds:
+            data = ds.read(1)
+            data[data == 0] = 1  # the random scene may hold zeros of its own
+            if band == "red":
+                data[10:20, 30:40] = 0
+            ds.write(data, 1)
+    doc = copy.deepcopy(document)
+    doc["model"]["nodata"] = 0
+    assert main(["run", str(write(doc)), "--run", "r"]) == 0
+    deliver = tmp_path / "ws" / "r" / "deliver"
+    with rasterio.open(deliver / "tiny-classes.tif") as ds:
+        classes = ds.read(1)
+    with rasterio.open(deliver / "tiny-probabilities.tif") as ds:
+        probs = ds.read()
+    assert (classes[10:20, 30:40] == 255).all()
+    assert np.isnan(probs[:, 10:20, 30:40]).all()
+    outside = np.ones(classes.shape, bool)
+    outside[10:20, 30:40] = False
+    assert (classes[outside] != 255).all() and np.isfinite(probs[:, outside]).all()
+
+
+def test_regression_per_pixel_writes_named_float_bands(tmp_path, tiny_pipeline):
+    document, write = tiny_pipeline
+    weights = np.array([[1.0, 0.5], [0.0, -1.0], [2.0, 0.25]])
+    _pixel_matmul(tmp_path / "reg.onnx", weights)
+    doc = copy.deepcopy(document)
+    doc["model"] = {
+        "path": str(tmp_path / "reg.onnx"),
+        "kind": "per_pixel",
+        "input_bands": ["red", "green", "nir"],
+        "normalization": {"scale": [10, 10, 10], "offset": [0, 0, 1]},
+        "output": "regression",
+        "regression_bands": ["biomass", "height"],
+    }
+    assert main(["run", str(write(doc)), "--run", "r"]) == 0
+    deliver = tmp_path / "ws" / "r" / "deliver"
+    assert sorted(p.name for p in deliver.iterdir()) == ["tiny-values.tif"]
+    stack = []
+    for band in ("red", "green", "nir"):
+        with rasterio.open(document["source"]["bands"][band]["path"]) as ds:
+            stack.append(ds.read(1).astype(np.float32) * np.float32(1e-4))
+    x = np.stack(stack, axis=-1) * np.float32(10) + np.float32([0, 0, 1])
+    expected = (x.reshape(-1, 3) @ weights.astype(np.float32)).T.reshape(2, 50, 70)
+    with rasterio.open(deliver / "tiny-values.tif") as ds:
+        assert ds.descriptions == ("biomass", "height") and ds.dtypes == ("float32", "float32")
+        np.testing.assert_allclose(ds.read(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_output_count_mismatch_fails_before_export(tmp_path, tiny_pipeline, capsys):
+    document, write = tiny_pipeline
+    doc = copy.deepcopy(document)
+    doc["model"]["classes"] = ["a", "b", "c"]
+    assert main(["run", str(write(doc)), "--run", "r"]) == 1
+    assert "model returns 2 outputs but the config names 3 ['a', 'b', 'c']" in capsys.readouterr().err
+    assert not (tmp_path / "ws" / "r" / "export").exists()
+
+
+def test_config_needs_classes_or_regression_bands(tiny_pipeline, capsys):
+    document, write = tiny_pipeline
+    doc = copy.deepcopy(document)
+    doc["model"]["output"] = "regression"
+    assert main(["validate", str(write(doc))]) == 1
+    assert "output: regression needs regression_bands" in capsys.readouterr().err
+    doc = copy.deepcopy(document)
+    doc["model"]["normalization"] = {"mean": [0, 0, 0], "scale": [1, 1, 1]}
+    assert main(["validate", str(write(doc))]) == 1
+    assert "give either mean and std, or scale and offset" in capsys.readouterr().err
