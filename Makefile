@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DATA   := data/demo/.complete
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench example-landcover clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP) $(DATA)  ## lint and run the test suite
 
 bench: $(STAMP) $(DATA)  ## side-by-side benchmarks, results into BENCHMARKS.md
 	$(PY) -m benchmarks --write BENCHMARKS.md
+
+example-landcover: $(STAMP) $(DATA)  ## the per-pixel Keras land-cover illustration
+	$(PY) examples/build_landcover_dnn.py data/examples/landcover-dnn.keras
+	$(VENV)/bin/terrabeam run examples/sentinel2-landcover-dnn.yaml
 
 clean:
 	rm -rf $(VENV) data workspace

@@ -22,10 +22,10 @@ from pathlib import Path
 import onnxruntime as ort
 from apache_beam.version import __version__ as beam_version
 
-from benchmarks.bounds import io_bound, load_patches, model_bound
+from benchmarks.bounds import io_bound, keras_pixel_bound, load_patches, model_bound
 from benchmarks.memory import run_measured
 from benchmarks.naive import naive_run
-from benchmarks.scenes import pixel_model, scene_config, tiled_scene
+from benchmarks.scenes import LANDCOVER_CONFIG, keras_pixel_model, pixel_model, scene_config, tiled_scene
 from benchmarks.stages import profile_run
 from terrabeam.config import load_config
 from terrabeam.predict.pipeline import run_predict
@@ -103,6 +103,30 @@ def main(argv: list[str] | None = None) -> int:
             predict_seconds = time.perf_counter() - start
             serial = model_seconds + io_seconds  # = 1 / (1/model + 1/io) as throughput
             bound_rows.append((label, model_seconds, io_seconds, serial, predict_seconds))
+        keras_config = load_config(
+            scene_config(
+                work / "keras.yaml",
+                tiled_scene(work / f"scene-x{largest}", largest),
+                work / "ws-keras",
+                model=keras_pixel_model(work / "dnn.keras"),
+                base=LANDCOVER_CONFIG,
+            )
+        )
+        model_seconds = keras_pixel_bound(keras_config, export_dir)
+        out = work / "predict-keras"
+        out.mkdir()
+        start = time.perf_counter()
+        run_predict(keras_config, export_dir, out)
+        predict_seconds = time.perf_counter() - start
+        bound_rows.append(
+            (
+                "per-pixel Keras DNN (TensorFlow; bound: one model.predict)",
+                model_seconds,
+                io_seconds,
+                model_seconds + io_seconds,
+                predict_seconds,
+            )
+        )
 
         # 2. run vs naive, both models
         light_wall, _ = run_measured([*terrabeam, "run", str(light_config_path), "--run", "pixel"])

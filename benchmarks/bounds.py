@@ -79,3 +79,27 @@ def io_bound(config: PipelineConfig, export_dir: Path, out_dir: Path) -> tuple[f
                 writer.write(encode_example(post.features(logits)))
                 records += 1
     return time.perf_counter() - start, records
+
+
+def keras_pixel_bound(config: PipelineConfig, export_dir: Path) -> float:
+    """Seconds for one whole-array ``model.predict`` over every core pixel of the export, in memory
+    (loading the model included; decoding not timed): the model bound of a per-pixel Keras model."""
+    import keras
+
+    h, w = _shape(config, export_dir)
+    kw, kh = config.grid.kernel_size
+    rows = []
+    for shard in list_shards(export_dir, config.export.prefix):
+        for record in read_records(shard):
+            features = decode_example(record)
+            core = [
+                np.reshape(features[b], (h, w))[kh // 2 : h - kh // 2, kw // 2 : w - kw // 2]
+                for b in config.model.input_bands
+            ]
+            rows.append(np.stack(core, axis=-1).reshape(-1, len(core)))
+    pixels = np.concatenate(rows)
+    del rows
+    start = time.perf_counter()
+    model = keras.models.load_model(config.resolve(config.model.path), compile=False)
+    model.predict(pixels, batch_size=65536, verbose=0)
+    return time.perf_counter() - start

@@ -12,6 +12,7 @@ from rasterio.windows import Window
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "examples" / "sentinel2-cloudmask.yaml"
+LANDCOVER_CONFIG = REPO / "examples" / "sentinel2-landcover-dnn.yaml"
 DEMO_DATA = REPO / "data" / "demo"
 BANDS = {"blue": "B02", "green": "B03", "red": "B04", "nir": "B08", "swir16": "B11", "swir22": "B12"}
 
@@ -69,9 +70,27 @@ def pixel_model(path: Path, channels: int = 6, classes: int = 3) -> Path:
     return path
 
 
-def scene_config(path: Path, bands: dict[str, Path], workspace: Path, model: Path | None = None) -> Path:
-    """The demo config on other band files (and optionally another model), written to ``path``."""
-    document = yaml.safe_load(DEMO_CONFIG.read_text())
+def keras_pixel_model(path: Path) -> Path:
+    """The land-cover example's Keras DNN (untrained, fixed seed): a per-pixel TensorFlow model."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        from build_landcover_dnn import build_model
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    build_model().save(path)
+    return path
+
+
+def scene_config(
+    path: Path, bands: dict[str, Path], workspace: Path, model: Path | None = None, base: Path = DEMO_CONFIG
+) -> Path:
+    """``base`` (the demo config) on other band files (and optionally another model), written to ``path``."""
+    document = yaml.safe_load(base.read_text())
+    # export settings must match the demo's so one export serves every model
+    document["grid"] = yaml.safe_load(DEMO_CONFIG.read_text())["grid"]
+    document["export"] = yaml.safe_load(DEMO_CONFIG.read_text())["export"]
     document["workspace"] = str(workspace)
     for name, band_path in bands.items():
         document["source"]["bands"][name]["path"] = str(band_path)
