@@ -16,8 +16,7 @@ from pathlib import Path
 from terrabeam.config import load_config
 from terrabeam.sinks import geotiff
 from terrabeam.sources import raster
-from terrabeam.workflow.steps import run_all
-from terrabeam.workspace import Workspace
+from terrabeam.workflow.runner import Runner
 
 # stage → (file suffix, function name) whose cumulative time is that stage
 STAGES = {
@@ -64,7 +63,8 @@ def profile_run(config_path: Path, workspace: Path) -> tuple[dict[str, float], d
     profiler = cProfile.Profile()
     try:
         profiler.enable()
-        summary = run_all(config, Workspace(workspace, "profiled"))
+        Runner(config, workspace).run("profiled")
+        summary = workspace / "profiled" / "summary.json"
         profiler.disable()
     finally:
         for stage, (owner, name) in THREADED.items():

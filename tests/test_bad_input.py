@@ -151,7 +151,7 @@ def test_unwritable_workspace(tmp_path, tiny_pipeline, capsys):
     blocker.write_text("not a folder")
     doc = copy.deepcopy(document)
     doc["workspace"] = str(blocker / "ws")
-    _fails(capsys, ["run", write(doc), "--run", "r"], str(blocker / "ws" / "r"), "not writable")
+    _fails(capsys, ["run", write(doc), "--run", "r"], str(blocker / "ws"), "not writable")
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,7 @@ def _run(tmp_path, demo_data, model_path, **model):
     }
     config = tmp_path / f"{model_path.stem}.yaml"
     config.write_text(yaml.safe_dump(document, sort_keys=False))
-    run = model_path.stem
+    run = model_path.name.replace(".", "-")
     assert main(["run", str(config), "--run", run]) == 0
     deliver = tmp_path / "ws" / run / "deliver"
     with rasterio.open(deliver / "fw-classes.tif") as ds:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from terrabeam import __version__
 from terrabeam.config import PipelineConfig, load_config
-from terrabeam.errors import TerrabeamError
+from terrabeam.errors import ConfigError, TerrabeamError, WorkspaceError
 from terrabeam.workspace import Workspace, new_run_id
 
 DESCRIPTION = """\
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (and Beam's) at INFO")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
-        "run": "export, predict and deliver in one go; prints the summary path",
+        "run": "export, predict and deliver, recorded in the workspace's run history; a re-run of the "
+        "same config and window resumes it (or does nothing if it was delivered)",
         "export": "cut the source rasters into Earth Engine-layout TFRecord patches + mixer",
         "predict": "run the model over an export on Apache Beam (FnApiRunner by default)",
         "deliver": "assemble predictions into COGs and a quicklook PNG",
@@ -60,7 +61,55 @@ def build_parser() -> argparse.ArgumentParser:
         epilog = beam_epilog if name in ("run", "predict") else None
         sub = commands.add_parser(name, help=text, description=text, epilog=epilog)
         _common(sub, new_run=name in ("run", "export"))
+        if name == "run":
+            sub.add_argument("--window", help="time window START/END (ISO dates) this run covers")
+            sub.add_argument("--force", action="store_true", help="start a new run even if one was delivered")
+            sub.add_argument(
+                "--no-wait",
+                action="store_true",
+                help="refuse instead of queueing behind a running pipeline of the same name",
+            )
+    history = {
+        "resume": "continue run RUN from its first unfinished step (finished prediction shards are kept)",
+        "runs": "list the runs of the workspace (status, durations, pixels)",
+        "status": "show one run and its steps (status, attempts, seconds, errors, outputs)",
+    }
+    for name, text in history.items():
+        sub = commands.add_parser(
+            name, help=text, description=text, epilog=beam_epilog if name == "resume" else None
+        )
+        if name != "runs":
+            sub.add_argument("run_id", metavar="RUN", help="run id")
+        sub.add_argument(
+            "--workspace", type=Path, default=Path("workspace"), help="workspace root (default: ./workspace)"
+        )
+        if name != "resume":
+            sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _print_runs(records, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([r.to_dict() for r in records], indent=2, default=str))
+        return
+    print(f"{'run':<22} {'pipeline':<24} {'status':<8} {'seconds':>8} {'pixels':>10}  window")
+    for r in records:
+        seconds = sum(s.seconds or 0 for s in r.steps)
+        window = f"{r.window_start}/{r.window_end}" if r.window_start else "-"
+        print(f"{r.id:<22} {r.pipeline:<24} {r.status:<8} {seconds:>8.1f} {r.pixels or 0:>10}  {window}")
+
+
+def _print_status(record, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(record.to_dict(), indent=2, default=str))
+        return
+    print(f"run {record.id}  pipeline {record.pipeline}  status {record.status}  config {record.config_hash}")
+    print(f"{'step':<10} {'status':<8} {'attempts':>8} {'seconds':>8}  error / outputs")
+    for s in record.steps:
+        detail = s.error or ", ".join(f"{k}={v}" for k, v in s.outputs.items() if k != "outputs") or ""
+        print(f"{s.name:<10} {s.status:<8} {s.attempts:>8} {(s.seconds or 0):>8.1f}  {detail[:100]}")
+    for output in record.outputs:
+        print(f"output  {output}")
 
 
 def _workspace(config: PipelineConfig, args: argparse.Namespace, new_run: bool) -> Workspace:
@@ -68,6 +117,34 @@ def _workspace(config: PipelineConfig, args: argparse.Namespace, new_run: bool) 
     if args.run_id:
         return Workspace(root, args.run_id)
     return Workspace(root, new_run_id(root)) if new_run else Workspace.latest(root)
+
+
+def _history_command(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from terrabeam.workflow.runner import Runner
+    from terrabeam.workflow.state import RunState
+
+    root = args.workspace.resolve()
+    if not (root / "terrabeam.db").exists():
+        raise WorkspaceError(f"{root}: no run history here (terrabeam.db); give --workspace")
+    state = RunState(root / "terrabeam.db")
+    try:
+        if args.command == "runs":
+            _print_runs(state.list_runs(), args.json)
+            return 0
+        record = state.get_run(args.run_id)
+    finally:
+        state.close()
+    if record is None:
+        raise WorkspaceError(f"{root}: no run {args.run_id!r}; see 'terrabeam runs --workspace {root}'")
+    if args.command == "status":
+        _print_status(record, args.json)
+        return 0 if record.status != "failed" else 1
+    if not record.config_path:
+        raise WorkspaceError(f"run {record.id} has no recorded configuration file; run the config again")
+    config = load_config(record.config_path)
+    record = Runner(config, root).run(record.id, None, beam_args)
+    print(f"run {record.id}: {record.status}; summary: {root / record.id / 'summary.json'}")
+    return 0
 
 
 def _root_cause(exc: BaseException) -> TerrabeamError | None:
@@ -87,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [a for a in beam_args if not a.startswith("--")]
     if unknown:
         parser.error(f"unexpected arguments: {' '.join(unknown)}")
-    if beam_args and args.command not in ("run", "predict"):
+    if beam_args and args.command not in ("run", "predict", "resume"):
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     # Beam logs harmless start-up warnings on the root logger (missing optional GCP clients, no
     # resource module): quiet unless --verbose. Configured before Beam is first imported.
@@ -96,19 +173,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("terrabeam").setLevel(logging.INFO if args.verbose else logging.WARNING)
     from terrabeam.workflow import steps
+    from terrabeam.workflow.runner import Runner
 
     try:
+        if args.command in ("runs", "status", "resume"):
+            return _history_command(args, beam_args)
         config = load_config(args.config)
         if args.command == "validate":
             steps.validate_before_run(config)
             print(f"{args.config}: valid (config hash {config.fingerprint()})")
             return 0
-        workspace = _workspace(config, args, new_run=args.command in ("run", "export"))
+        root = args.workspace.resolve() if args.workspace else config.resolve(config.workspace)
         if args.command == "run":
-            summary = steps.run_all(config, workspace, beam_args)
-            print(json.dumps(json.loads(summary.read_text())["outputs"], indent=2))
-            print(f"summary: {summary}")
+            window = tuple(args.window.split("/", 1)) if args.window else None
+            if window is not None and len(window) != 2:
+                raise ConfigError(f"--window {args.window!r}: expected START/END")
+            record = Runner(config, root).run(args.run_id, window, beam_args, args.force, not args.no_wait)
+            print(json.dumps(record.outputs, indent=2))
+            print(f"run {record.id}: {record.status}; summary: {root / record.id / 'summary.json'}")
             return 0
+        workspace = _workspace(config, args, new_run=args.command == "export")
         workspace.ensure_writable()
         if args.command == "export":
             report = steps.export_step(config, workspace)

@@ -248,6 +248,12 @@ class OutputsConfig(_Strict):
     colors: dict[str, str] = Field(default_factory=dict, description="class → '#rrggbb'")
 
 
+class WorkflowConfig(_Strict):
+    retries: int = Field(3, ge=1, description="attempts per step for transient failures")
+    backoff_seconds: float = Field(2.0, ge=0, description="first retry delay; doubles, with ±50 % jitter")
+    max_backoff_seconds: float = Field(300.0, ge=0)
+
+
 class PipelineConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     workspace: str = "workspace"
@@ -257,8 +263,10 @@ class PipelineConfig(_Strict):
     model: ModelConfig
     predict: PredictConfig = PredictConfig()
     outputs: OutputsConfig = OutputsConfig()
+    workflow: WorkflowConfig = WorkflowConfig()
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source_path: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
@@ -281,6 +289,11 @@ class PipelineConfig(_Strict):
     @property
     def base_dir(self) -> Path:
         return self._base_dir
+
+    @property
+    def source_path(self) -> Path | None:
+        """The YAML file this configuration was loaded from (None if built in code)."""
+        return self._source_path
 
     def fingerprint(self) -> str:
         """A short hash of the validated configuration (same settings, same hash)."""
@@ -322,4 +335,6 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ConfigError(f"{path}: configuration file not found") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    return parse_config(document, path.parent, source=str(path))
+    config = parse_config(document, path.parent, source=str(path))
+    config._source_path = path.resolve()
+    return config

@@ -31,3 +31,7 @@ class ModelError(TerrabeamError):
 
 class WorkspaceError(TerrabeamError):
     """The run workspace cannot be created or written."""
+
+
+class TransientError(TerrabeamError):
+    """A failure worth retrying: network trouble, HTTP 429/5xx, a lost worker."""

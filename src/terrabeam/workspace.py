@@ -74,7 +74,6 @@ class Workspace:
     def staging(self, step: str) -> Iterator[Path]:
         """Yield an empty staging folder; on success it replaces the step's folder in one rename."""
         self.ensure_writable()
-        final = self.step_dir(step)
         staging = self.run_dir / f".{step}.staging-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         try:
@@ -82,10 +81,22 @@ class Workspace:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        self.publish(staging, step)
+
+    def work_dir(self, step: str) -> Path:
+        """A hidden folder that survives an interrupted step, so a resumed step keeps finished parts."""
+        self.ensure_writable()
+        path = self.run_dir / f".{step}.work"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def publish(self, folder: Path, step: str) -> None:
+        """Make ``folder`` the step's output in one rename, replacing an older one."""
+        final = self.step_dir(step)
         if final.exists():
             retired = self.run_dir / f".{step}.old-{uuid.uuid4().hex[:8]}"
             final.rename(retired)
-            staging.rename(final)
+            folder.rename(final)
             shutil.rmtree(retired, ignore_errors=True)
         else:
-            staging.rename(final)
+            folder.rename(final)

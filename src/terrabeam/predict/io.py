@@ -179,14 +179,19 @@ class StreamShardsInOrder(beam.DoFn):
     """(shard number, (position, payload)) → prediction shards, written as the records stream by.
 
     Without a shuffle every record of a shard is processed in the bundle that read the shard, and
-    in order, so nothing needs grouping: memory holds only records that arrive out of turn, and
-    each shard is published when the bundle finishes (a retried bundle rewrites its shards).
+    in order, so nothing needs grouping: memory holds only records that arrive out of turn. A shard
+    is published as soon as its last record is written when the expected counts are known (so an
+    interrupted run keeps its finished shards), else when the bundle finishes. A retried bundle
+    rewrites its shards.
     """
 
-    def __init__(self, out_dir: str, names: Sequence[str], compression_level: int) -> None:
+    def __init__(
+        self, out_dir: str, names: Sequence[str], compression_level: int, expected: Sequence[int] | None
+    ) -> None:
         self.out_dir = out_dir
         self.names = list(names)
         self.compression_level = compression_level
+        self.expected = list(expected) if expected else None
         self.records_written = beam.metrics.Metrics.counter(NAMESPACE, "records_written")
         self._open: dict[int, _ShardFile] = {}
 
@@ -199,8 +204,15 @@ class StreamShardsInOrder(beam.DoFn):
         if shard is None:
             shard = self._open[number] = _ShardFile(self.out_dir, self.names[number], self.compression_level)
         shard.add(position, payload)
+        if self.expected is not None and shard.next_position == self.expected[number] and not shard.pending:
+            self.records_written.inc(shard.publish(number))
+            self._open[number] = _PUBLISHED
 
     def finish_bundle(self) -> None:
         for number, shard in sorted(self._open.items()):
-            self.records_written.inc(shard.publish(number))
+            if shard is not _PUBLISHED:
+                self.records_written.inc(shard.publish(number))
         self._open = {}
+
+
+_PUBLISHED: _ShardFile = object()  # type: ignore[assignment]  # marks a shard already published

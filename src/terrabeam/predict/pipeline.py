@@ -18,7 +18,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from terrabeam.config import PipelineConfig
-from terrabeam.errors import RecordCountError
+from terrabeam.errors import RecordCountError, TerrabeamError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path, shard_name
 from terrabeam.predict.io import (
@@ -50,6 +50,7 @@ class PredictResult:
     manifest: ExportManifest
     shards: list[Path]
     records: int
+    reused_shards: int = 0
 
 
 def read_export(config: PipelineConfig, export_dir: Path) -> tuple[Grid, ExportManifest, list[Path]]:
@@ -98,13 +99,16 @@ def run_predict(
 
     compressed = config.predict.compression_level > 0
     names = [shard_name(config.predict.prefix, i, compressed) for i in range(len(shards))]
+    expected = manifest.shard_records or None
+    finished = finished_shards(out_dir, names, expected)
+    todo = [i for i in range(len(shards)) if i not in finished]
     norm = config.model.normalization
     handler = KeyedModelHandler(PatchModelHandler(config.model, model_path, margin))
     options = PipelineOptions(
         pipeline_flags(config.predict.runner, config.predict.pipeline_options, beam_args)
     )
     pipeline = beam.Pipeline(options=options)
-    records = pipeline | "Shards" >> beam.Create([(i, str(p)) for i, p in enumerate(shards)])
+    records = pipeline | "Shards" >> beam.Create([(i, str(shards[i])) for i in todo])
     records = records | "ReadKeyedRecords" >> beam.ParDo(ReadKeyedRecords())
     reshuffle = config.predict.should_reshuffle(beam_args)
     if reshuffle:
@@ -135,17 +139,22 @@ def run_predict(
             | "WriteShard" >> beam.ParDo(WriteShard(str(out_dir), names, level))
         )
     else:  # each shard stays in one bundle, in order: stream it out, memory stays flat
-        _ = predictions | "StreamShardsInOrder" >> beam.ParDo(StreamShardsInOrder(str(out_dir), names, level))
-    result = pipeline.run()
-    result.wait_until_finish()
-
-    counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
-    totals = {c.key.metric.name: c.committed or c.attempted for c in counters}
-    read, written = totals.get("records_read", 0), totals.get("records_written", 0)
-    if read != grid.total_patches or written != grid.total_patches:
+        _ = predictions | "StreamShardsInOrder" >> beam.ParDo(
+            StreamShardsInOrder(str(out_dir), names, level, expected)
+        )
+    read = written = 0
+    if todo:
+        result = pipeline.run()
+        result.wait_until_finish()
+        counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+        totals = {c.key.metric.name: c.committed or c.attempted for c in counters}
+        read, written = totals.get("records_read", 0), totals.get("records_written", 0)
+    kept = sum(expected[i] for i in finished) if expected else 0
+    if read + kept != grid.total_patches or written + kept != grid.total_patches:
         raise RecordCountError(
             f"{mixer_path(export_dir, config.export.prefix)}: totalPatches={grid.total_patches} but "
-            f"{read} records were read from {len(shards)} shard(s) in {export_dir} ({written} written)"
+            f"{read + kept} records were read from {len(shards)} shard(s) in {export_dir} "
+            f"({written + kept} written)"
         )
     out_shards = [out_dir / name for name in names]
     grid.write_mixer(mixer_path(out_dir, config.predict.prefix))
@@ -157,7 +166,29 @@ def run_predict(
         bands=prediction_bands(config),
         shard_records=counts,
     ).write(manifest_path(out_dir, config.predict.prefix))
-    return PredictResult(grid, manifest, out_shards, written)
+    return PredictResult(grid, manifest, out_shards, written + kept, len(finished))
+
+
+def finished_shards(out_dir: Path, names: list[str], expected: list[int] | None) -> set[int]:
+    """Shards an interrupted run already wrote and that verify (every CRC, the expected record
+    count); leftovers of unfinished shards are removed. Without expected counts nothing is reused."""
+    for partial in out_dir.glob("*.partial"):
+        partial.unlink()
+    if not expected:
+        return set()
+    finished = set()
+    for number, name in enumerate(names):
+        path = out_dir / name
+        if not path.exists():
+            continue
+        try:
+            if count_records(path) == expected[number]:
+                finished.add(number)
+                continue
+        except TerrabeamError:
+            pass
+        path.unlink()
+    return finished
 
 
 def prediction_bands(config: PipelineConfig) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
 import json
 import os
 import sys
@@ -84,8 +85,10 @@ def predict_step(
 ) -> StepReport:
     start = time.perf_counter()
     export_dir = workspace.require_step("export")
-    with workspace.staging("predict") as staging:
-        result = run_predict(config, export_dir, staging, beam_args, probe=probe)
+    work = workspace.work_dir("predict")  # kept if interrupted: finished shards are not redone
+    _match_work_to(work, export_dir, config)
+    result = run_predict(config, export_dir, work, beam_args, probe=probe)
+    workspace.publish(work, "predict")
     seconds = time.perf_counter() - start
     grid = result.grid
     pixels = result.records * grid.patch_width * grid.patch_height
@@ -95,11 +98,24 @@ def predict_step(
         {
             "patches": result.records,
             "shards": len(result.shards),
+            "shards_reused": result.reused_shards,
             "core_pixels": pixels,
             "patches_per_second": round(result.records / seconds, 3),
             "mpx_per_second": round(pixels / seconds / 1e6, 4),
         },
     )
+
+
+def _match_work_to(work: Path, export_dir: Path, config: PipelineConfig) -> None:
+    """Empty the predict work folder if it was made from another export or config."""
+    digest = hashlib.sha256(config.fingerprint().encode())
+    for path in sorted(export_dir.glob("*.json")):
+        digest.update(path.read_bytes())
+    stamp, source = work / ".source", digest.hexdigest()
+    if not stamp.exists() or stamp.read_text() != source:
+        for path in work.iterdir():
+            path.unlink()
+        stamp.write_text(source)
 
 
 def deliver_step(config: PipelineConfig, workspace: Workspace) -> StepReport:
@@ -144,15 +160,3 @@ def write_summary(config: PipelineConfig, workspace: Workspace, reports: list[St
     partial.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(partial, path)
     return path
-
-
-def run_all(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[str] = ()) -> Path:
-    """Validate, then export, predict and deliver; returns the summary path."""
-    workspace.ensure_writable()
-    validate_before_run(config)
-    reports = [export_step(config, workspace)]
-    # The export just made follows the config, which validate_before_run has probed the model with.
-    reports.append(predict_step(config, workspace, beam_args, probe=False))
-    release_free_memory()
-    reports.append(deliver_step(config, workspace))
-    return write_summary(config, workspace, reports)

@@ -1,0 +1,204 @@
+"""Runs with memory: each run and step recorded in the workspace's SQLite state, transient failures
+retried with exponential backoff and jitter, a re-run resuming from the first unfinished step, and a
+per-pipeline lock so two processes never do the same work.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from terrabeam.config import PipelineConfig, WorkflowConfig
+from terrabeam.errors import TerrabeamError, TransientError, WorkspaceError
+from terrabeam.workflow import steps
+from terrabeam.workflow.state import RunRecord, RunState
+from terrabeam.workspace import STEPS, Workspace, new_run_id
+
+log = logging.getLogger("terrabeam.workflow")
+
+# (name, function(config, workspace, beam_args) → StepReport); the predict step's model probe is
+# skipped because the run validated the model before its first step.
+STEP_FUNCTIONS: dict[str, Callable[..., steps.StepReport]] = {
+    "export": lambda config, workspace, beam_args: steps.export_step(config, workspace),
+    "predict": lambda config, workspace, beam_args: steps.predict_step(
+        config, workspace, beam_args, probe=False
+    ),
+    "deliver": lambda config, workspace, beam_args: steps.deliver_step(config, workspace),
+}
+
+_TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Network trouble, HTTP 408/429/5xx, lost workers: worth another attempt. terrabeam's own
+    errors (bad config, input, model) and anything unknown are permanent."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, TransientError | ConnectionError | TimeoutError):
+            return True
+        status = getattr(getattr(exc, "resp", None), "status", None) or getattr(exc, "status_code", None)
+        if isinstance(status, int) and status in _TRANSIENT_HTTP:
+            return True
+        if isinstance(exc, TerrabeamError):
+            return False
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delay before attempt n + 1: base × 2^(n-1), capped, times a random factor in [0.5, 1.5)."""
+
+    base: float
+    cap: float
+
+    @classmethod
+    def from_config(cls, workflow: WorkflowConfig) -> Backoff:
+        return cls(workflow.backoff_seconds, workflow.max_backoff_seconds)
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return min(self.cap, self.base * 2 ** (attempt - 1)) * rng.uniform(0.5, 1.5)
+
+
+@contextmanager
+def pipeline_lock(root: Path, pipeline: str, wait: bool) -> Iterator[None]:
+    """An exclusive lock on ``<workspace>/.locks/<pipeline>.lock``, released even if the process dies."""
+    folder = root / ".locks"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / f"{pipeline}.lock", "w")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise WorkspaceError(f"workspace {root} is not writable ({exc.strerror or exc})") from None
+    try:
+        flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(handle, flags)
+        except BlockingIOError:
+            raise WorkspaceError(
+                f"pipeline {pipeline!r} is running in another process (lock {handle.name}); "
+                "wait for it, or run without --no-wait to queue behind it"
+            ) from None
+        yield
+    finally:
+        handle.close()
+
+
+class Runner:
+    """Executes runs of one pipeline in one workspace, recording everything in its RunState."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        root: Path,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+        step_functions: dict[str, Callable[..., steps.StepReport]] | None = None,
+    ) -> None:
+        self.config = config
+        self.root = root
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+        self.step_functions = step_functions or STEP_FUNCTIONS
+        self.backoff = Backoff.from_config(config.workflow)
+
+    def state(self) -> RunState:
+        try:
+            return RunState(self.root / "terrabeam.db")
+        except OSError as exc:
+            raise WorkspaceError(f"workspace {self.root} is not writable ({exc.strerror or exc})") from None
+
+    def run(
+        self,
+        run_id: str | None = None,
+        window: tuple[str, str] | None = None,
+        beam_args: Sequence[str] = (),
+        force: bool = False,
+        wait: bool = True,
+    ) -> RunRecord:
+        """Run (or resume) the pipeline for ``window``; a delivered run is not repeated unless forced."""
+        config = self.config
+        with pipeline_lock(self.root, config.name, wait):
+            state = self.state()
+            try:
+                record = self._open_run(state, run_id, window, force)
+                if record.status == "done":
+                    log.warning("run %s already delivered; nothing to do", record.id)
+                    return record
+                return self._execute(state, record, beam_args)
+            finally:
+                state.close()
+
+    def _open_run(self, state: RunState, run_id: str | None, window, force: bool) -> RunRecord:
+        config = self.config
+        if run_id is not None:
+            record = state.get_run(run_id)
+            if record is not None and record.config_hash != config.fingerprint():
+                raise WorkspaceError(
+                    f"run {run_id} was made with another configuration (hash {record.config_hash}, now "
+                    f"{config.fingerprint()}); start a new run instead"
+                )
+        else:
+            record = None if force else state.find_run(config.name, config.fingerprint(), window)
+        if record is None:
+            new_id = run_id or new_run_id(self.root)
+            state.create_run(
+                new_id, config.name, config.fingerprint(), window, list(STEPS), str(config.source_path or "")
+            )
+            record = state.get_run(new_id)
+        assert record is not None
+        return record
+
+    def _execute(self, state: RunState, record: RunRecord, beam_args: Sequence[str]) -> RunRecord:
+        config = self.config
+        workspace = Workspace(self.root, record.id)
+        workspace.ensure_writable()
+        state.reopen_run(record.id)
+        reports = []
+        try:
+            steps.validate_before_run(config)
+            for step in record.steps:
+                if step.status == "done" and workspace.step_dir(step.name).is_dir():
+                    reports.append(steps.StepReport(step.name, step.seconds or 0.0, step.outputs))
+                    continue
+                reports.append(self._attempt(state, record.id, step.name, workspace, beam_args))
+                steps.release_free_memory()
+        except BaseException as exc:
+            state.finish_run(record.id, "failed", error=_one_line(exc))
+            raise
+        summary = steps.write_summary(config, workspace, reports)
+        data = json.loads(summary.read_text())
+        state.finish_run(record.id, "done", pixels=data.get("pixels"), outputs=data.get("outputs"))
+        return state.get_run(record.id)
+
+    def _attempt(
+        self, state: RunState, run_id: str, name: str, workspace: Workspace, beam_args: Sequence[str]
+    ) -> steps.StepReport:
+        limit = self.config.workflow.retries
+        while True:
+            attempt = state.start_attempt(run_id, name)
+            try:
+                report = self.step_functions[name](self.config, workspace, beam_args)
+            except Exception as exc:
+                transient = is_transient(exc)
+                final = not transient or attempt >= limit
+                state.fail_step(run_id, name, _one_line(exc), final)
+                if final:
+                    raise
+                delay = self.backoff.delay(attempt, self.rng)
+                log.warning("step %s attempt %d failed (%s); retrying in %.1f s", name, attempt, exc, delay)
+                self.sleep(delay)
+                continue
+            state.finish_step(run_id, name, report.seconds, report.details)
+            return report
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:2000]
