@@ -1,0 +1,152 @@
+"""Runs with memory: retries, permanent failures, resume after SIGKILL, concurrent runs, history.
+Synthetic scene and 1×1-conv model (tiny_pipeline), except the SIGKILL test (real scene and U-Net)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from terrabeam.cli import main
+from terrabeam.config import load_config
+from terrabeam.errors import InputError, TransientError
+from terrabeam.workflow.runner import STEP_FUNCTIONS, Runner, is_transient
+from terrabeam.workflow.state import RunState
+
+
+def _terrabeam(*args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "terrabeam", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _flaky(name, failures, exc):
+    calls = []
+
+    def step(config, workspace, beam_args):
+        calls.append(name)
+        if len(calls) <= failures:
+            raise exc
+        return STEP_FUNCTIONS[name](config, workspace, beam_args)
+
+    return step, calls
+
+
+def test_transient_failure_is_retried_and_attempts_recorded(tmp_path, tiny_pipeline):
+    document, write = tiny_pipeline
+    config = load_config(write())
+    flaky, calls = _flaky("predict", 2, TransientError("HTTP 503 from the runner"))
+    delays = []
+    runner = Runner(
+        config, tmp_path / "ws", sleep=delays.append, step_functions=STEP_FUNCTIONS | {"predict": flaky}
+    )
+    record = runner.run("r")
+    assert record.status == "done"
+    steps = {s.name: s for s in record.steps}
+    assert steps["predict"].attempts == 3 and steps["export"].attempts == 1
+    assert len(calls) == 3 and len(delays) == 2
+    assert 1.0 <= delays[0] <= 3.0 and 2.0 <= delays[1] <= 6.0  # 2 s, then 4 s, ±50 % jitter
+
+
+def test_permanent_failure_stops_after_one_attempt_with_reason(tmp_path, tiny_pipeline, capsys):
+    document, write = tiny_pipeline
+    config = load_config(write())
+    broken, calls = _flaky("deliver", 5, InputError("predictions-00001.tfrecord.gz: band 'class' missing"))
+    runner = Runner(
+        config, tmp_path / "ws", sleep=lambda s: None, step_functions=STEP_FUNCTIONS | {"deliver": broken}
+    )
+    with pytest.raises(InputError):
+        runner.run("r")
+    assert len(calls) == 1
+    assert main(["status", "r", "--workspace", str(tmp_path / "ws"), "--json"]) == 1
+    status = json.loads(capsys.readouterr().out)
+    deliver = next(s for s in status["steps"] if s["name"] == "deliver")
+    assert status["status"] == "failed" and deliver["attempts"] == 1
+    assert "band 'class' missing" in deliver["error"]
+    # resuming re-runs only the failed step
+    record = Runner(config, tmp_path / "ws").run("r")
+    assert record.status == "done"
+    assert [s.attempts for s in record.steps] == [1, 1, 2]
+
+
+def test_classification_of_failures():
+    assert is_transient(TransientError("x")) and is_transient(ConnectionResetError())
+    assert not is_transient(InputError("x")) and not is_transient(ValueError("x"))
+    http = type("HttpError", (Exception,), {})()
+    http.resp = type("Resp", (), {"status": 429})()
+    assert is_transient(http)
+
+
+def test_rerun_of_delivered_config_does_nothing(tmp_path, tiny_pipeline, capsys):
+    document, write = tiny_pipeline
+    config = write()
+    assert main(["run", str(config)]) == 0
+    first = sorted(p.name for p in (tmp_path / "ws").iterdir() if not p.name.startswith("."))
+    assert main(["run", str(config)]) == 0
+    assert sorted(p.name for p in (tmp_path / "ws").iterdir() if not p.name.startswith(".")) == first
+    capsys.readouterr()
+    assert main(["runs", "--workspace", str(tmp_path / "ws"), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)
+    assert len(runs) == 1 and runs[0]["status"] == "done"
+    assert [s["attempts"] for s in runs[0]["steps"]] == [1, 1, 1]
+
+
+def test_two_concurrent_runs_do_the_work_once(tmp_path, tiny_pipeline):
+    document, write = tiny_pipeline
+    config = write()
+    processes = [_terrabeam("run", config) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], results
+    state = RunState(tmp_path / "ws" / "terrabeam.db")
+    runs = state.list_runs()
+    state.close()
+    assert len(runs) == 1
+    assert [s.attempts for s in runs[0].steps] == [1, 1, 1]
+    assert sum("already delivered" in err for _, err in results) == 1
+
+
+def test_sigkill_during_predict_then_resume_gives_the_same_map(tmp_path, demo_copy):
+    """The real U-Net on the demo scene: kill -9 once a prediction shard is written, resume, compare."""
+    doc = demo_copy.read_text()
+    other = tmp_path / "other.yaml"
+    other.write_text(doc.replace(f"workspace: {tmp_path / 'ws'}", f"workspace: {tmp_path / 'ws-clean'}"))
+    assert main(["run", str(other), "--run", "clean"]) == 0
+
+    process = _terrabeam("run", demo_copy, "--run", "k")
+    work = tmp_path / "ws" / "k" / ".predict.work"
+    deadline = time.time() + 120
+    while (
+        not list(work.glob("predictions-*.tfrecord.gz")) and time.time() < deadline and process.poll() is None
+    ):
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before a shard appeared"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "ws" / "k" / "predict").exists()
+
+    assert main(["resume", "k", "--workspace", str(tmp_path / "ws")]) == 0
+    state = RunState(tmp_path / "ws" / "terrabeam.db")
+    record = state.get_run("k")
+    state.close()
+    predict = next(s for s in record.steps if s.name == "predict")
+    assert record.status == "done" and predict.outputs["shards_reused"] >= 1
+    shards = sorted(p.name for p in (tmp_path / "ws" / "k" / "predict").glob("*.tfrecord.gz"))
+    assert shards == [f"predictions-{i:05d}.tfrecord.gz" for i in range(4)]
+    for name in ("classes", "probabilities"):
+        resumed = (tmp_path / "ws" / "k" / "deliver" / f"sentinel2-cloudmask-{name}.tif").read_bytes()
+        clean = (tmp_path / "ws-clean" / "clean" / "deliver" / f"sentinel2-cloudmask-{name}.tif").read_bytes()
+        assert resumed == clean
+    for shard in shards:
+        assert (tmp_path / "ws" / "k" / "predict" / shard).read_bytes() == (
+            tmp_path / "ws-clean" / "clean" / "predict" / shard
+        ).read_bytes()
+    assert Path(tmp_path / "ws" / "k" / "summary.json").exists()
