@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         "predict": "run the model over an export on Apache Beam (FnApiRunner by default)",
         "deliver": "assemble predictions into COGs and a quicklook PNG",
         "validate": "check the config and probe the model, without doing any work",
+        "schedule": "run the pipeline on the config's cron schedule, one run per closed window, "
+        "until SIGTERM (see 'schedule:' in the config)",
     }
     beam_epilog = (
         "Other --options go to Apache Beam's PipelineOptions and win over predict.pipeline_options, "
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog = beam_epilog if name in ("run", "predict") else None
         sub = commands.add_parser(name, help=text, description=text, epilog=epilog)
         _common(sub, new_run=name in ("run", "export"))
+        if name == "schedule":
+            sub.add_argument("--once", action="store_true", help="run the due windows, then exit")
         if name == "run":
             sub.add_argument("--window", help="time window START/END (ISO dates) this run covers")
             sub.add_argument("--force", action="store_true", help="start a new run even if one was delivered")
@@ -147,6 +151,31 @@ def _history_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     return 0
 
 
+def _schedule(config: PipelineConfig, root: Path, once: bool, beam_args: list[str]) -> int:
+    import signal
+    import threading
+
+    from terrabeam.workflow.runner import Runner
+    from terrabeam.workflow.schedule import Scheduler
+
+    runner = Runner(config, root)
+    scheduler = Scheduler(config, root, lambda window: runner.run(None, window, beam_args))
+    if once:
+        ran = scheduler.run_due()
+        print(json.dumps({"windows_run": [list(w) for w in ran]}, indent=2))
+        return 0
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    print(
+        f"terrabeam: scheduling {config.name} on '{config.schedule.cron}' (UTC); SIGTERM stops",
+        file=sys.stderr,
+    )
+    scheduler.serve(stop)
+    print("terrabeam: scheduler stopped", file=sys.stderr)
+    return 0
+
+
 def _root_cause(exc: BaseException) -> TerrabeamError | None:
     """Beam re-raises worker errors wrapped or with extra text; find terrabeam's own error inside."""
     seen = set()
@@ -164,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [a for a in beam_args if not a.startswith("--")]
     if unknown:
         parser.error(f"unexpected arguments: {' '.join(unknown)}")
-    if beam_args and args.command not in ("run", "predict", "resume"):
+    if beam_args and args.command not in ("run", "predict", "resume", "schedule"):
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     # Beam logs harmless start-up warnings on the root logger (missing optional GCP clients, no
     # resource module): quiet unless --verbose. Configured before Beam is first imported.
@@ -184,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.config}: valid (config hash {config.fingerprint()})")
             return 0
         root = args.workspace.resolve() if args.workspace else config.resolve(config.workspace)
+        if args.command == "schedule":
+            return _schedule(config, root, args.once, beam_args)
         if args.command == "run":
             window = tuple(args.window.split("/", 1)) if args.window else None
             if window is not None and len(window) != 2:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -254,6 +255,31 @@ class WorkflowConfig(_Strict):
     max_backoff_seconds: float = Field(300.0, ge=0)
 
 
+class ScheduleConfig(_Strict):
+    """When `terrabeam schedule` runs the pipeline; each run covers the interval since the previous fire."""
+
+    cron: str = Field(description="cron expression in UTC, e.g. '0 6 1 * *' (monthly, 1st, 06:00)")
+    start: datetime = Field(description="windows start at the first fire time at or after this (UTC)")
+    catch_up: Literal["all", "latest", "none"] = Field(
+        "latest",
+        description="windows that closed while no scheduler ran: run all of them, only the latest, or none",
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        from croniter import croniter
+
+        if not croniter.is_valid(value):
+            raise ValueError(f"{value!r} is not a cron expression (minute hour day month weekday)")
+        return value
+
+    @field_validator("start")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 class PipelineConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     workspace: str = "workspace"
@@ -264,6 +290,7 @@ class PipelineConfig(_Strict):
     predict: PredictConfig = PredictConfig()
     outputs: OutputsConfig = OutputsConfig()
     workflow: WorkflowConfig = WorkflowConfig()
+    schedule: ScheduleConfig | None = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source_path: Path | None = PrivateAttr(default=None)
