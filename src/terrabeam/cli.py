@@ -201,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("terrabeam").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    logging.getLogger("terrabeam.progress").setLevel(logging.INFO)  # the bar's stand-in off a terminal
     from terrabeam.workflow import steps
     from terrabeam.workflow.runner import Runner
 

@@ -22,6 +22,7 @@ from terrabeam.config import PipelineConfig
 from terrabeam.errors import InputError, RecordCountError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path
+from terrabeam.progress import Progress
 from terrabeam.tfrecord import decode_example, read_records
 
 CLASS_NODATA = 255
@@ -99,6 +100,7 @@ def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) ->
             )
             for layer in layers
         }
+        progress = stack.enter_context(Progress("deliver", grid.total_patches))
         for shard in shards:
             for payload in read_records(shard):
                 if index >= grid.total_patches:
@@ -110,6 +112,7 @@ def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) ->
                 rows = min(window.height, height - window.row_off)
                 cols = min(window.width, width - window.col_off)
                 index += 1
+                progress.advance()
                 if rows <= 0 or cols <= 0:
                     continue  # a padding patch wholly outside the true region
                 target = Window(window.col_off, window.row_off, cols, rows)

@@ -28,6 +28,7 @@ from terrabeam.config import PipelineConfig
 from terrabeam.errors import GridMismatchError, InputError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, ShardedWriter, manifest_path, mixer_path
+from terrabeam.progress import Progress
 from terrabeam.tfrecord import encode_example
 
 BLOCK_WIDTH = 2048  # pixels of patch cores read per block
@@ -213,6 +214,7 @@ def export_rasters(config: PipelineConfig, out_dir: Path) -> ExportResult:
         # GDAL releases the GIL while it reads and warps: read the bands of a strip in parallel.
         pool = ThreadPoolExecutor(max_workers=min(len(readers), os.cpu_count() or 1))
         stack.callback(pool.shutdown)
+        progress = stack.enter_context(Progress("export", grid.total_patches))
         for row, first, last in _blocks(grid):
             window = Window(first * pw, row * ph, (last - first) * pw + kw, ph + kh)
             bands: dict[str, np.ndarray] = {}
@@ -231,6 +233,7 @@ def export_rasters(config: PipelineConfig, out_dir: Path) -> ExportResult:
                 x0 = (col - first) * pw
                 patch = {name: values[:, x0 : x0 + pw + kw] for name, values in bands.items()}
                 writer.write(encode_example(patch))
+                progress.advance()
     grid.write_mixer(mixer_path(out_dir, config.export.prefix))
     manifest = ExportManifest(
         kernel_size=list(kernel),

@@ -11,7 +11,9 @@ import gc
 import hashlib
 import json
 import os
+import re
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -22,8 +24,10 @@ from typing import Any
 import rasterio
 
 from terrabeam.config import PipelineConfig
+from terrabeam.layout import ExportManifest, manifest_path
 from terrabeam.predict.models import probe_model
 from terrabeam.predict.pipeline import run_predict
+from terrabeam.progress import Progress
 from terrabeam.sinks.geotiff import deliver_geotiff
 from terrabeam.sources.raster import export_rasters
 from terrabeam.workspace import Workspace
@@ -87,7 +91,8 @@ def predict_step(
     export_dir = workspace.require_step("export")
     work = workspace.work_dir("predict")  # kept if interrupted: finished shards are not redone
     _match_work_to(work, export_dir, config)
-    result = run_predict(config, export_dir, work, beam_args, probe=probe)
+    with _shard_progress(config, export_dir, work):
+        result = run_predict(config, export_dir, work, beam_args, probe=probe)
     workspace.publish(work, "predict")
     seconds = time.perf_counter() - start
     grid = result.grid
@@ -104,6 +109,41 @@ def predict_step(
             "mpx_per_second": round(pixels / seconds / 1e6, 4),
         },
     )
+
+
+@contextmanager
+def _shard_progress(config: PipelineConfig, export_dir: Path, work: Path) -> Iterator[None]:
+    """Report predict progress as prediction shards are published (a shard's count comes from the
+    export manifest); the runner may be anywhere, the finished files are the truth."""
+    manifest = manifest_path(export_dir, config.export.prefix)
+    counts = ExportManifest.read(manifest).shard_records if manifest.exists() else []
+    if not counts:
+        yield
+        return
+    pattern = re.compile(rf"^{re.escape(config.predict.prefix)}-(\d+)\.tfrecord(\.gz)?$")
+    stop = threading.Event()
+
+    def watch(progress: Progress) -> None:
+        while True:
+            finished = stop.wait(0.5)
+            done = sum(
+                counts[int(m.group(1))]
+                for p in work.iterdir()
+                if (m := pattern.match(p.name)) and int(m.group(1)) < len(counts)
+            )
+            if done > progress.done:
+                progress.advance(done - progress.done)
+            if finished:
+                return
+
+    with Progress("predict", sum(counts)) as progress:
+        watcher = threading.Thread(target=watch, args=(progress,), daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
 
 
 def _match_work_to(work: Path, export_dir: Path, config: PipelineConfig) -> None:

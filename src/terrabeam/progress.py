@@ -1,0 +1,53 @@
+"""Progress of long steps: a bar on a terminal (done / total, rate, ETA, via tqdm), plain log lines
+at every 10 % otherwise, so CI logs and files stay readable."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import TextIO
+
+from tqdm import tqdm
+
+log = logging.getLogger("terrabeam.progress")
+
+
+class Progress:
+    """Counts units of work (patches) towards a known total."""
+
+    def __init__(self, label: str, total: int, unit: str = "patch", stream: TextIO | None = None) -> None:
+        self.label, self.total, self.unit = label, total, unit
+        self.stream = stream or sys.stderr
+        self.done = 0
+        self.start = time.perf_counter()
+        self._next_report = 0.1
+        self._bar = (
+            tqdm(total=total, desc=label, unit=unit, file=self.stream, leave=True, dynamic_ncols=True)
+            if getattr(self.stream, "isatty", lambda: False)()
+            else None
+        )
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        if self._bar is not None:
+            self._bar.update(count)
+            return
+        if self.total and self.done / self.total >= self._next_report:
+            elapsed = time.perf_counter() - self.start
+            rate = self.done / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - self.done) / rate if rate else 0.0
+            plural = self.unit + ("es" if self.unit.endswith(("ch", "s")) else "s")
+            log.info("%s: %d/%d %s, %.1f/s, ETA %.0f s", self.label, self.done, self.total, plural, rate, eta)
+            while self._next_report <= self.done / self.total:
+                self._next_report += 0.1
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
