@@ -150,3 +150,30 @@ def test_sigkill_during_predict_then_resume_gives_the_same_map(tmp_path, demo_co
             tmp_path / "ws-clean" / "clean" / "predict" / shard
         ).read_bytes()
     assert Path(tmp_path / "ws" / "k" / "summary.json").exists()
+
+
+def test_remote_task_is_polled_until_done_and_its_id_recorded(tmp_path, tiny_pipeline):
+    """The start → poll protocol with a task that runs elsewhere (a stand-in job, polled 3 times)."""
+    from terrabeam.workflow.steps import StepReport
+
+    class RemoteJob:
+        polls = 0
+
+        def start(self):
+            return "job-42"
+
+        def poll(self):
+            RemoteJob.polls += 1
+            return StepReport("export", 1.5, {"patches": 3}) if RemoteJob.polls == 3 else None
+
+    document, write = tiny_pipeline
+    state = RunState(tmp_path / "state.db")
+    state.create_run("r", "tiny", "h", None, ["export"])
+    pauses = []
+    runner = Runner(load_config(write()), tmp_path / "ws", sleep=pauses.append)
+    report = runner._start_and_poll(RemoteJob(), state, "r", "export")
+    assert report.details == {"patches": 3} and RemoteJob.polls == 3 and pauses == [1.0, 2.0]
+    state.finish_step("r", "export", report.seconds, report.details)
+    step = state.get_run("r").steps[0]
+    state.close()
+    assert step.external_id == "job-42" and step.status == "done"

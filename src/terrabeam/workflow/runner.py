@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from terrabeam.config import PipelineConfig, WorkflowConfig
 from terrabeam.errors import TerrabeamError, TransientError, WorkspaceError
@@ -23,8 +24,34 @@ from terrabeam.workspace import STEPS, Workspace, new_run_id
 
 log = logging.getLogger("terrabeam.workflow")
 
-# (name, function(config, workspace, beam_args) → StepReport); the predict step's model probe is
-# skipped because the run validated the model before its first step.
+
+class StepTask(Protocol):
+    """The step protocol: start the work, then poll until it reports. A local task does its work in
+    start(); a remote one (an Earth Engine task, a Dataflow job) returns its job id there and is
+    polled until the job ends. The id is recorded with the step, so a resumed run can find the job."""
+
+    def start(self) -> str | None: ...
+
+    def poll(self) -> steps.StepReport | None: ...
+
+
+class LocalTask:
+    """A step that runs in this process: start() does the work, poll() returns its report."""
+
+    def __init__(self, function: Callable[[], steps.StepReport]) -> None:
+        self._function = function
+        self._report: steps.StepReport | None = None
+
+    def start(self) -> str | None:
+        self._report = self._function()
+        return None
+
+    def poll(self) -> steps.StepReport | None:
+        return self._report
+
+
+# name → function(config, workspace, beam_args) → StepReport, run as LocalTasks; the predict
+# step's model probe is skipped because the run validated the model before its first step.
 STEP_FUNCTIONS: dict[str, Callable[..., steps.StepReport]] = {
     "export": lambda config, workspace, beam_args: steps.export_step(config, workspace),
     "predict": lambda config, workspace, beam_args: steps.predict_step(
@@ -184,8 +211,10 @@ class Runner:
         limit = self.config.workflow.retries
         while True:
             attempt = state.start_attempt(run_id, name)
+            function = self.step_functions[name]
+            task = LocalTask(lambda f=function: f(self.config, workspace, beam_args))
             try:
-                report = self.step_functions[name](self.config, workspace, beam_args)
+                report = self._start_and_poll(task, state, run_id, name)
             except Exception as exc:
                 transient = is_transient(exc)
                 final = not transient or attempt >= limit
@@ -198,6 +227,17 @@ class Runner:
                 continue
             state.finish_step(run_id, name, report.seconds, report.details)
             return report
+
+    def _start_and_poll(self, task: StepTask, state: RunState, run_id: str, name: str) -> steps.StepReport:
+        """Start a task, record its external id, and poll with growing pauses until it reports."""
+        external_id = task.start()
+        if external_id:
+            state.set_external_id(run_id, name, external_id)
+        pause = 1.0
+        while (report := task.poll()) is None:
+            self.sleep(pause)
+            pause = min(pause * 2, 60.0)
+        return report
 
 
 def _one_line(exc: BaseException) -> str:
