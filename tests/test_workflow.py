@@ -177,3 +177,18 @@ def test_remote_task_is_polled_until_done_and_its_id_recorded(tmp_path, tiny_pip
     step = state.get_run("r").steps[0]
     state.close()
     assert step.external_id == "job-42" and step.status == "done"
+
+
+def test_run_removes_folders_left_by_a_killed_step(tmp_path, tiny_pipeline):
+    document, write = tiny_pipeline
+    leftover = tmp_path / "ws" / "r" / ".export.staging-deadbeef"
+    leftover.mkdir(parents=True)
+    (leftover / "tiny-00000.tfrecord.gz").write_bytes(b"half")
+    assert main(["run", str(write()), "--run", "r"]) == 0
+    assert not leftover.exists()
+    assert sorted(p.name for p in (tmp_path / "ws" / "r").iterdir()) == [
+        "deliver",
+        "export",
+        "predict",
+        "summary.json",
+    ]

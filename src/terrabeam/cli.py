@@ -25,11 +25,14 @@ A run has three steps, each writing a folder in the run workspace <workspace>/<r
 (e.g. --runner=DataflowRunner --project=…) are passed to Beam."""
 
 
-def _common(parser: argparse.ArgumentParser, new_run: bool) -> None:
+def _common(parser: argparse.ArgumentParser, new_run: bool, with_run: bool = True) -> None:
     parser.add_argument("config", type=Path, help="pipeline YAML file")
     parser.add_argument(
         "--workspace", type=Path, help="workspace root (default: 'workspace:' from the config)"
     )
+    if not with_run:
+        parser.set_defaults(run_id=None)
+        return
     parser.add_argument(
         "--run",
         dest="run_id",
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in helps.items():
         epilog = beam_epilog if name in ("run", "predict") else None
         sub = commands.add_parser(name, help=text, description=text, epilog=epilog)
-        _common(sub, new_run=name in ("run", "export"))
+        _common(sub, new_run=name in ("run", "export"), with_run=name not in ("schedule", "validate"))
         if name == "schedule":
             sub.add_argument("--once", action="store_true", help="run the due windows, then exit")
         if name == "run":

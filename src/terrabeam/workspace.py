@@ -83,6 +83,17 @@ class Workspace:
             raise
         self.publish(staging, step)
 
+    def remove_leftovers(self) -> list[Path]:
+        """Delete staging and retired folders a killed step left behind (call under the run's lock;
+        the predict work folder is kept: it is what a resumed predict builds on)."""
+        removed = []
+        if self.run_dir.is_dir():
+            for path in self.run_dir.iterdir():
+                if path.name.startswith(".") and (".staging-" in path.name or ".old-" in path.name):
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+        return removed
+
     def work_dir(self, step: str) -> Path:
         """A hidden folder that survives an interrupted step, so a resumed step keeps finished parts."""
         self.ensure_writable()

@@ -187,6 +187,8 @@ class Runner:
         config = self.config
         workspace = Workspace(self.root, record.id)
         workspace.ensure_writable()
+        for leftover in workspace.remove_leftovers():
+            log.warning("removed %s, left by an interrupted step", leftover)
         state.reopen_run(record.id)
         reports = []
         try:
