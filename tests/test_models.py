@@ -138,6 +138,38 @@ def test_regression_per_pixel_writes_named_float_bands(tmp_path, tiny_pipeline):
         np.testing.assert_allclose(ds.read(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_integer_regression_with_nodata(tmp_path, tiny_pipeline):
+    document, write = tiny_pipeline
+    _pixel_matmul(tmp_path / "reg.onnx", np.array([[300.0], [0.0], [0.0]]))
+    for band in ("red", "green", "nir"):
+        with rasterio.open(document["source"]["bands"][band]["path"], "r+") as ds:
+            data = ds.read(1)
+            data[data == 0] = 1
+            if band == "nir":
+                data[0:5, 0:5] = 0
+            ds.write(data, 1)
+    doc = copy.deepcopy(document)
+    doc["model"] = {
+        "path": str(tmp_path / "reg.onnx"),
+        "kind": "per_pixel",
+        "input_bands": ["red", "green", "nir"],
+        "nodata": 0,
+        "output": "regression",
+        "regression_bands": ["score"],
+        "regression_dtype": "uint8",
+        "regression_nodata": 255,
+    }
+    assert main(["run", str(write(doc)), "--run", "r"]) == 0
+    with rasterio.open(document["source"]["bands"]["red"]["path"]) as ds:
+        red = ds.read(1).astype(np.float32) * np.float32(1e-4)
+    with rasterio.open(tmp_path / "ws" / "r" / "deliver" / "tiny-values.tif") as ds:
+        assert ds.dtypes == ("uint8",) and ds.nodata == 255
+        values = ds.read(1)
+    assert (values[0:5, 0:5] == 255).all()
+    expected = np.clip(np.rint(red * np.float32(300)), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(values[5:, 5:], expected[5:, 5:])
+
+
 def test_output_count_mismatch_fails_before_export(tmp_path, tiny_pipeline, capsys):
     document, write = tiny_pipeline
     doc = copy.deepcopy(document)

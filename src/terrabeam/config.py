@@ -186,6 +186,13 @@ class ModelConfig(_Strict):
     )
     classes: list[str] | None = Field(None, min_length=2, description="class names, model output order")
     regression_bands: list[str] | None = Field(None, min_length=1, description="names of regression outputs")
+    regression_dtype: Literal["float32", "float64", "int16", "int32", "uint8", "uint16"] = Field(
+        "float32", description="data type of the regression GeoTIFF (values are rounded for integers)"
+    )
+    regression_nodata: float | None = Field(
+        None,
+        description="value for masked pixels in the regression GeoTIFF (default NaN; required for integers)",
+    )
     batch_size: int = Field(4, ge=1, description="patches per model call")
     threads: int = Field(0, ge=0, description="intra-op threads per worker (0: the framework's default)")
 
@@ -199,6 +206,11 @@ class ModelConfig(_Strict):
                 )
         if self.output == "regression" and not self.regression_bands:
             raise ValueError("output: regression needs regression_bands (names of the outputs)")
+        integer = not self.regression_dtype.startswith("float")
+        if self.output == "regression" and integer and self.regression_nodata is None:
+            raise ValueError(
+                f"regression_dtype {self.regression_dtype} needs regression_nodata for masked pixels"
+            )
         if self.output != "regression" and not self.classes:
             raise ValueError(f"output: {self.output} needs classes (names in the model's output order)")
         return self

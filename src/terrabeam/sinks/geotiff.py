@@ -67,13 +67,25 @@ class _Layer:
 def _layers(config: PipelineConfig, bands: list[str]) -> list[_Layer]:
     outputs = config.outputs
     if "class" not in bands:  # regression: one float file with a band per output
-        return [_Layer("values", bands, "float32", float("nan"), "average", bands)]
+        model = config.model
+        nodata = model.regression_nodata if model.regression_nodata is not None else float("nan")
+        resampling = "average" if model.regression_dtype.startswith("float") else "nearest"
+        return [_Layer("values", bands, model.regression_dtype, nodata, resampling, bands)]
     classes = [band.removeprefix("prob_") for band in bands if band.startswith("prob_")]
     layers = [_Layer("classes", ["class"], "uint8", CLASS_NODATA, "mode", ["class"])]
     if outputs.probabilities:
         prob_bands = [f"prob_{c}" for c in classes]
         layers.append(_Layer("probabilities", prob_bands, "float32", float("nan"), "average", classes))
     return layers
+
+
+def _as_dtype(values: np.ndarray, layer: _Layer) -> np.ndarray:
+    """Prediction floats in the layer's type: masked (NaN) pixels become its nodata, integers rounded."""
+    if np.issubdtype(np.dtype(layer.dtype), np.floating):
+        return values.astype(layer.dtype, copy=False)
+    info = np.iinfo(layer.dtype)
+    rounded = np.clip(np.rint(values), info.min, info.max)
+    return np.where(np.isnan(values), layer.nodata, rounded).astype(layer.dtype)
 
 
 def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) -> list[Path]:
@@ -125,7 +137,7 @@ def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) ->
                     values = np.stack(
                         [np.asarray(features[b]).reshape(shape)[:rows, :cols] for b in layer.bands]
                     )
-                    files[layer.stem].write(values.astype(layer.dtype, copy=False), window=target)
+                    files[layer.stem].write(_as_dtype(values, layer), window=target)
     if index != grid.total_patches:
         raise RecordCountError(
             f"{mixer_path(predict_dir, prefix)}: totalPatches={grid.total_patches} but the shards in "
