@@ -195,3 +195,28 @@ def test_tensorflow_nhwc_per_patch(tmp_path, demo_data):
     classes, probabilities = _run(tmp_path, demo_data, path, framework="tensorflow", layout="NHWC")
     expected = np.asarray(model(_scene_pixels(demo_data)[None], training=False))[0].transpose(2, 0, 1)
     _assert_same_map(classes, probabilities, expected)
+
+
+def test_torch_exported_program_per_pixel(tmp_path, demo_data):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Softmax(dim=1)).eval()
+    example = torch.zeros(16, 3)
+    program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("pixels")},))
+    path = tmp_path / "linear.pt2"
+    torch.export.save(program, str(path))
+    classes, probabilities = _run(tmp_path, demo_data, path, framework="torch", kind="per_pixel")
+    pixels = torch.from_numpy(_scene_pixels(demo_data).reshape(-1, 3))
+    with torch.inference_mode():
+        expected = net(pixels).numpy().T.reshape(3, HEIGHT, WIDTH)
+    _assert_same_map(classes, probabilities, expected)
+
+
+def test_tensorflow_savedmodel_per_pixel(tmp_path, demo_data):
+    model = _keras_pixel_model()
+    path = tmp_path / "dnn_saved"
+    model.export(str(path), verbose=False)  # a SavedModel folder with a serving_default signature
+    classes, probabilities = _run(tmp_path, demo_data, path, framework="tensorflow", kind="per_pixel")
+    pixels = _scene_pixels(demo_data).reshape(-1, 3)
+    expected = np.asarray(model(pixels, training=False)).T.reshape(3, HEIGHT, WIDTH)
+    _assert_same_map(classes, probabilities, expected)
