@@ -4,12 +4,12 @@ Synthetic scene and 1×1-conv model (tiny_pipeline)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from terrabeam.cli import main
-from terrabeam.config import PredictConfig
+from terrabeam.config import PredictConfig, RunnerConfig
 from terrabeam.layout import list_shards
 from terrabeam.predict.io import PostProcess
-from terrabeam.predict.pipeline import pipeline_flags
 from terrabeam.tfrecord import decode_example, encode_example, read_records
 
 
@@ -33,25 +33,55 @@ def test_parallel_reshuffled_run_writes_the_same_shards(tmp_path, tiny_pipeline)
 
 
 def test_reshuffle_defaults_to_multi_worker_runners_only():
-    assert not PredictConfig().should_reshuffle()
-    assert PredictConfig().should_reshuffle(["--direct_num_workers=2"])
-    assert PredictConfig(runner="DataflowRunner").should_reshuffle()
-    assert not PredictConfig(runner="DataflowRunner", reshuffle=False).should_reshuffle()
-    assert PredictConfig(pipeline_options={"direct_num_workers": 0}).should_reshuffle()
+    assert not PredictConfig().should_reshuffle(["--runner=FnApiRunner"])
+    assert PredictConfig().should_reshuffle(["--runner=FnApiRunner", "--direct_num_workers=2"])
+    assert PredictConfig().should_reshuffle(["--runner=DataflowRunner"])
+    assert not PredictConfig(reshuffle=False).should_reshuffle(["--runner=DataflowRunner"])
+    assert PredictConfig().should_reshuffle(RunnerConfig(workers=2).beam_flags())
+    assert PredictConfig().should_reshuffle(RunnerConfig(kind="portable", job_endpoint="h:1").beam_flags())
 
 
-def test_pipeline_flags_config_first_command_line_wins():
-    flags = pipeline_flags(
-        "FnApiRunner",
-        {"direct_num_workers": 2, "save_main_session": True, "x": False},
-        ["--runner=DirectRunner"],
-    )
-    assert flags == [
-        "--runner=FnApiRunner",
-        "--direct_num_workers=2",
-        "--save_main_session",
+def test_runner_section_becomes_beam_flags_and_command_line_wins():
+    assert RunnerConfig().beam_flags() == ["--runner=FnApiRunner"]
+    assert RunnerConfig(workers=2).beam_flags() == [
         "--runner=DirectRunner",
+        "--direct_num_workers=2",
+        "--direct_running_mode=multi_processing",
     ]
+    dataflow = RunnerConfig(
+        kind="dataflow",
+        project="p",
+        region="europe-west1",
+        temp_location="gs://b/tmp",
+        machine_type="n2-standard-4",
+        max_workers=8,
+        options={"save_main_session": True, "x": False},
+    )
+    assert dataflow.beam_flags() == [
+        "--runner=DataflowRunner",
+        "--project=p",
+        "--region=europe-west1",
+        "--temp_location=gs://b/tmp",
+        "--machine_type=n2-standard-4",
+        "--max_num_workers=8",
+        "--save_main_session",
+    ]
+    portable = RunnerConfig(
+        kind="portable",
+        job_endpoint="127.0.0.1:8099",
+        environment_type="EXTERNAL",
+        environment_config="127.0.0.1:50000",
+    )
+    assert portable.beam_flags() == [
+        "--runner=PortableRunner",
+        "--job_endpoint=127.0.0.1:8099",
+        "--environment_type=EXTERNAL",
+        "--environment_config=127.0.0.1:50000",
+    ]
+    with pytest.raises(ValueError, match="needs project, region, temp_location"):
+        RunnerConfig(kind="dataflow")
+    with pytest.raises(ValueError, match="needs job_endpoint"):
+        RunnerConfig(kind="portable")
 
 
 def test_postprocess_softmax_argmax_and_crop():

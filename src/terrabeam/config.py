@@ -221,28 +221,103 @@ class ModelConfig(_Strict):
         return list(self.regression_bands if self.output == "regression" else self.classes or [])
 
 
+class RunnerConfig(_Strict):
+    """Where the predict pipeline runs. Every other step runs where terrabeam runs."""
+
+    kind: Literal["local", "dataflow", "portable"] = Field(
+        "local",
+        description="local: this machine (FnApiRunner in-process, or DirectRunner with worker "
+        "processes); dataflow: Google Cloud Dataflow; portable: any Beam job service (Flink, Spark, …)",
+    )
+    workers: int = Field(1, ge=1, description="local: worker processes (1: in-process FnApiRunner)")
+    # dataflow
+    project: str | None = Field(None, description="dataflow: Google Cloud project id")
+    region: str | None = Field(None, description="dataflow: region, e.g. europe-west1")
+    temp_location: str | None = Field(None, description="dataflow: gs:// folder for temporary files")
+    staging_location: str | None = Field(None, description="dataflow: gs:// folder for staged code")
+    machine_type: str | None = Field(None, description="dataflow: worker machine type, e.g. n2-standard-4")
+    max_workers: int | None = Field(None, ge=1, description="dataflow: autoscaling limit")
+    sdk_container_image: str | None = Field(
+        None, description="dataflow/portable: worker image with terrabeam installed"
+    )
+    service_account: str | None = Field(None, description="dataflow: worker service account email")
+    # portable
+    job_endpoint: str | None = Field(None, description="portable: job service host:port")
+    environment_type: Literal["DOCKER", "PROCESS", "EXTERNAL", "LOOPBACK"] | None = Field(
+        None, description="portable: how workers start (EXTERNAL: a worker pool at environment_config)"
+    )
+    environment_config: str | None = Field(None, description="portable: image, command or host:port")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="any other Beam pipeline option, passed as --key=value"
+    )
+
+    @model_validator(mode="after")
+    def _needs(self) -> RunnerConfig:
+        required = {
+            "dataflow": ["project", "region", "temp_location"],
+            "portable": ["job_endpoint"],
+        }.get(self.kind, [])
+        missing = [name for name in required if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"runner kind {self.kind!r} needs {', '.join(missing)}")
+        return self
+
+    def beam_flags(self) -> list[str]:
+        """Beam command-line flags for this runner (the command line may add or override flags)."""
+        if self.kind == "local":
+            flags = (
+                ["--runner=FnApiRunner"]
+                if self.workers == 1
+                else [
+                    "--runner=DirectRunner",
+                    f"--direct_num_workers={self.workers}",
+                    "--direct_running_mode=multi_processing",
+                ]
+            )
+        elif self.kind == "dataflow":
+            flags = ["--runner=DataflowRunner"]
+            named = {
+                "project": self.project,
+                "region": self.region,
+                "temp_location": self.temp_location,
+                "staging_location": self.staging_location,
+                "machine_type": self.machine_type,
+                "max_num_workers": self.max_workers,
+                "sdk_container_image": self.sdk_container_image,
+                "service_account_email": self.service_account,
+            }
+            flags += [f"--{k}={v}" for k, v in named.items() if v is not None]
+        else:
+            flags = ["--runner=PortableRunner", f"--job_endpoint={self.job_endpoint}"]
+            named = {
+                "environment_type": self.environment_type,
+                "environment_config": self.environment_config,
+                "sdk_container_image": self.sdk_container_image,
+            }
+            flags += [f"--{k}={v}" for k, v in named.items() if v is not None]
+        for key, value in self.options.items():
+            if value is True:
+                flags.append(f"--{key}")
+            elif value is not False and value is not None:
+                flags.append(f"--{key}={value}")
+        return flags
+
+
 class PredictConfig(_Strict):
     prefix: str = Field("predictions", pattern=r"^[A-Za-z0-9_.]+$")
-    runner: str = Field("FnApiRunner", description="any Beam runner name")
-    pipeline_options: dict[str, Any] = Field(
-        default_factory=dict, description="passed to Beam as --key=value"
-    )
     reshuffle: bool | None = Field(
         None,
         description="spread records over workers before the model; default (null): only when the "
         "runner has more than one worker (not the in-process FnApiRunner/DirectRunner)",
     )
+    compression_level: int = Field(1, ge=0, le=3, description="gzip level 1–3 (ISA-L); 0: plain TFRecord")
 
-    def should_reshuffle(self, beam_args: Sequence[str] = ()) -> bool:
-        """Reshuffling moves every record through the runner's shuffle: worth it only across workers."""
+    def should_reshuffle(self, flags: Sequence[str]) -> bool:
+        """Reshuffling moves every record through the runner's shuffle: worth it only across workers.
+        ``flags`` are the Beam flags of the run (later flags win)."""
         if self.reshuffle is not None:
             return self.reshuffle
-        flags = [
-            f"--runner={self.runner}",
-            *(f"--{k}={v}" for k, v in self.pipeline_options.items()),
-            *beam_args,
-        ]
-        runner, workers = self.runner, 1
+        runner, workers = "FnApiRunner", 1
         for flag in flags:
             key, _, value = flag.removeprefix("--").partition("=")
             if key == "runner":
@@ -250,8 +325,6 @@ class PredictConfig(_Strict):
             elif key == "direct_num_workers":
                 workers = int(value or 1)
         return runner not in ("FnApiRunner", "DirectRunner") or workers != 1
-
-    compression_level: int = Field(1, ge=0, le=3, description="gzip level 1–3 (ISA-L); 0: plain TFRecord")
 
 
 class OutputsConfig(_Strict):
@@ -300,6 +373,7 @@ class PipelineConfig(_Strict):
     export: ExportConfig = ExportConfig()
     model: ModelConfig
     predict: PredictConfig = PredictConfig()
+    runner: RunnerConfig = RunnerConfig()
     outputs: OutputsConfig = OutputsConfig()
     workflow: WorkflowConfig = WorkflowConfig()
     schedule: ScheduleConfig | None = None

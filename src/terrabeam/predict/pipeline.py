@@ -1,8 +1,8 @@
 """The predict step as one Apache Beam pipeline: keyed shards → model → ordered prediction shards.
 
 Runs on Beam's FnApiRunner by default (the default runner would try to download Prism); any other
-runner and its options come from ``predict.runner`` / ``predict.pipeline_options`` or the command
-line (later flags win).
+runner and its options come from the config's ``runner:`` section or the command line (later flags
+win).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
@@ -33,15 +32,9 @@ from terrabeam.predict.models import PatchModelHandler, probe_model
 from terrabeam.tfrecord import count_records
 
 
-def pipeline_flags(runner: str, options: dict[str, Any], extra: Sequence[str] = ()) -> list[str]:
-    """Beam command-line flags from the config, then ``extra`` (so the command line wins)."""
-    flags = [f"--runner={runner}"]
-    for key, value in options.items():
-        if value is True:
-            flags.append(f"--{key}")
-        elif value is not False and value is not None:
-            flags.append(f"--{key}={value}")
-    return flags + list(extra)
+def pipeline_flags(config: PipelineConfig, extra: Sequence[str] = ()) -> list[str]:
+    """Beam flags from the config's ``runner:`` section, then ``extra`` (so the command line wins)."""
+    return config.runner.beam_flags() + list(extra)
 
 
 @dataclass(frozen=True)
@@ -104,13 +97,12 @@ def run_predict(
     todo = [i for i in range(len(shards)) if i not in finished]
     norm = config.model.normalization
     handler = KeyedModelHandler(PatchModelHandler(config.model, model_path, margin))
-    options = PipelineOptions(
-        pipeline_flags(config.predict.runner, config.predict.pipeline_options, beam_args)
-    )
+    flags = pipeline_flags(config, beam_args)
+    options = PipelineOptions(flags)
     pipeline = beam.Pipeline(options=options)
     records = pipeline | "Shards" >> beam.Create([(i, str(shards[i])) for i in todo])
     records = records | "ReadKeyedRecords" >> beam.ParDo(ReadKeyedRecords())
-    reshuffle = config.predict.should_reshuffle(beam_args)
+    reshuffle = config.predict.should_reshuffle(flags)
     if reshuffle:
         records = records | "Reshuffle" >> beam.Reshuffle()
     predictions = (
