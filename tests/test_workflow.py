@@ -16,8 +16,9 @@ import pytest
 from terrabeam.cli import main
 from terrabeam.config import load_config
 from terrabeam.errors import InputError, TransientError
-from terrabeam.workflow.runner import STEP_FUNCTIONS, Runner, is_transient
+from terrabeam.workflow.runner import Runner, is_transient
 from terrabeam.workflow.state import RunState
+from terrabeam.workflow.steps import LOCAL_STEPS
 
 
 def _terrabeam(*args):
@@ -36,7 +37,7 @@ def _flaky(name, failures, exc):
         calls.append(name)
         if len(calls) <= failures:
             raise exc
-        return STEP_FUNCTIONS[name](config, workspace, beam_args)
+        return LOCAL_STEPS[name](config, workspace, beam_args)
 
     return step, calls
 
@@ -46,9 +47,7 @@ def test_transient_failure_is_retried_and_attempts_recorded(tmp_path, tiny_pipel
     config = load_config(write())
     flaky, calls = _flaky("predict", 2, TransientError("HTTP 503 from the runner"))
     delays = []
-    runner = Runner(
-        config, tmp_path / "ws", sleep=delays.append, step_functions=STEP_FUNCTIONS | {"predict": flaky}
-    )
+    runner = Runner(config, tmp_path / "ws", sleep=delays.append, step_functions={"predict": flaky})
     record = runner.run("r")
     assert record.status == "done"
     steps = {s.name: s for s in record.steps}
@@ -61,9 +60,7 @@ def test_permanent_failure_stops_after_one_attempt_with_reason(tmp_path, tiny_pi
     document, write = tiny_pipeline
     config = load_config(write())
     broken, calls = _flaky("deliver", 5, InputError("predictions-00001.tfrecord.gz: band 'class' missing"))
-    runner = Runner(
-        config, tmp_path / "ws", sleep=lambda s: None, step_functions=STEP_FUNCTIONS | {"deliver": broken}
-    )
+    runner = Runner(config, tmp_path / "ws", sleep=lambda s: None, step_functions={"deliver": broken})
     with pytest.raises(InputError):
         runner.run("r")
     assert len(calls) == 1

@@ -179,6 +179,24 @@ def _schedule(config: PipelineConfig, root: Path, once: bool, beam_args: list[st
     return 0
 
 
+def run_step_alone(name: str, config: PipelineConfig, workspace: Workspace, beam_args: list[str]):
+    """One step outside the run history: start its task and poll until it reports."""
+    import time
+
+    from terrabeam.workflow import steps
+    from terrabeam.workflow.tasks import RunContext, task_for
+
+    if name == "predict":  # alone, predict probes the model first (a run did so before export)
+        return steps.predict_step(config, workspace, beam_args)
+    task = task_for(name, config, workspace, beam_args, RunContext(workspace.run_id, created=time.time()))
+    task.start()
+    pause = 1.0
+    while (report := task.poll()) is None:
+        time.sleep(pause)
+        pause = min(pause * 2, 60.0)
+    return report
+
+
 def _root_cause(exc: BaseException) -> TerrabeamError | None:
     """Beam re-raises worker errors wrapped or with extra text; find terrabeam's own error inside."""
     seen = set()
@@ -227,14 +245,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(record.outputs, indent=2))
             print(f"run {record.id}: {record.status}; summary: {root / record.id / 'summary.json'}")
             return 0
+        if args.command == "predict":
+            report_args = beam_args
+        else:
+            report_args = []
+            steps.check_access(config)
         workspace = _workspace(config, args, new_run=args.command == "export")
         workspace.ensure_writable()
-        if args.command == "export":
-            report = steps.export_step(config, workspace)
-        elif args.command == "predict":
-            report = steps.predict_step(config, workspace, beam_args)
-        else:
-            report = steps.deliver_step(config, workspace)
+        report = run_step_alone(args.command, config, workspace, report_args)
         print(
             json.dumps(
                 {"run": workspace.run_id, "step": report.name, "seconds": round(report.seconds, 3)}

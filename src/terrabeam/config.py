@@ -9,17 +9,19 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numexpr
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -77,6 +79,108 @@ class RasterSource(_Strict):
     def band_names(self) -> list[str]:
         """All exported bands: source bands then derived bands, in configuration order."""
         return [*self.bands, *self.derived]
+
+
+class EarthEngineBand(_Strict):
+    """One band of the Earth Engine collection; value = raw × scale + offset (e.g. Landsat C2 SR:
+    scale 0.0000275, offset -0.2)."""
+
+    band: str = Field(description="band name in the collection, e.g. SR_B4")
+    scale: float = 1.0
+    offset: float = 0.0
+
+
+class TimeWindow(_Strict):
+    """Which images go into the composite: absolute dates, or a span before the run date."""
+
+    start: date | None = None
+    end: date | None = Field(None, description="exclusive")
+    months_before: int | None = Field(None, ge=1, description="the N months before the run date")
+    days_before: int | None = Field(None, ge=1, description="the N days before the run date")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> TimeWindow:
+        absolute = self.start is not None or self.end is not None
+        relative = [n for n in ("months_before", "days_before") if getattr(self, n) is not None]
+        if absolute and relative:
+            raise ValueError(f"give start/end or {relative[0]}, not both")
+        if len(relative) > 1:
+            raise ValueError("give months_before or days_before, not both")
+        if absolute and (self.start is None or self.end is None or self.start >= self.end):
+            raise ValueError("start and end are both needed, with start < end (end is exclusive)")
+        if not absolute and not relative:
+            raise ValueError("give start and end dates, or months_before / days_before the run date")
+        return self
+
+
+CloudMask = Literal["none", "landsat_c2", "s2_scl", "s2_qa60"]
+
+
+class EarthEngineSource(_Strict):
+    """Export a composite from Earth Engine: collection → window → region → cloud mask → bands and
+    scale factors → reducer → derived bands, as TFRecord patches on Cloud Storage."""
+
+    kind: Literal["earthengine"]
+    collection: str | None = Field(None, description="image collection id, e.g. LANDSAT/LC09/C02/T1_L2")
+    image: str | None = Field(None, description="a single image id instead of a collection")
+    window: TimeWindow | None = Field(None, description="default: the run's window (schedule or --window)")
+    cloud_mask: CloudMask = Field(
+        "none",
+        description="landsat_c2: QA_PIXEL fill/dilated cloud/cirrus/cloud/shadow bits; s2_scl: SCL "
+        "classes 3, 8, 9, 10 masked; s2_qa60: QA60 bits 10 and 11",
+    )
+    bands: dict[str, EarthEngineBand] = Field(min_length=1, description="exported name → collection band")
+    derived: dict[str, str] = Field(
+        default_factory=dict,
+        description="band name → Earth Engine expression over earlier bands, e.g. (nir - red) / (nir + red)",
+    )
+    reducer: Literal["median", "mean", "min", "max", "mosaic"] = "median"
+    fill_value: float = Field(0.0, description="value Earth Engine writes for masked pixels (defaultValue)")
+    max_pixels: float = Field(1e13, description="Earth Engine's maxPixels export limit")
+
+    @model_validator(mode="after")
+    def _collection_or_image(self) -> EarthEngineSource:
+        if (self.collection is None) == (self.image is None):
+            raise ValueError("give either collection or image")
+        for name in self.derived:
+            if name in self.bands:
+                raise ValueError(f"derived band {name!r} has the name of a source band")
+        return self
+
+    @property
+    def band_names(self) -> list[str]:
+        return [*self.bands, *self.derived]
+
+
+class EarthEngineConfig(_Strict):
+    """Access to Earth Engine and the Cloud Storage folder its tasks read and write."""
+
+    project: str = Field(description="Google Cloud project id used for Earth Engine calls")
+    staging: str = Field(
+        pattern=r"^gs://[^/]+(/.*)?$",
+        description="gs:// folder: exports land in <staging>/<pipeline>/<run>/export/, predictions are "
+        "staged in …/predict/ for ingestion",
+    )
+    service_account: str | None = Field(
+        None,
+        description="service account email to impersonate with the Application Default Credentials "
+        "(no key file needed); default: the credentials themselves",
+    )
+    api_url: str | None = Field(None, description="Earth Engine REST endpoint (default: Google's)")
+
+
+class EarthEngineSink(_Strict):
+    """Ingest each run's predictions into an Earth Engine image collection."""
+
+    collection: str = Field(
+        description="image collection asset id, e.g. projects/my-project/assets/landcover (created if missing)"
+    )
+    image_name: str = Field(
+        "{pipeline}_{date}",
+        pattern=r"^[A-Za-z0-9_{}:%-]+$",
+        description="asset name pattern: {pipeline}, {run}, {date} (run date YYYYMMDD), {start}, {end}",
+    )
+    properties: dict[str, str | float | int] = Field(default_factory=dict, description="extra properties")
 
 
 class Region(_Strict):
@@ -172,6 +276,10 @@ class ModelConfig(_Strict):
         ".pt2, scikit-learn joblib/pickle, LightGBM booster text file"
     )
     framework: Framework = "onnx"
+    name: str | None = Field(None, description="model name recorded with outputs (default: file name)")
+    version: str | None = Field(
+        None, description="model version recorded with outputs (default: a hash of the model file)"
+    )
     kind: Literal["per_patch", "per_pixel"] = Field(
         "per_patch", description="per_patch: (N, C, H, W) or (N, H, W, C) in; per_pixel: (pixels, bands) in"
     )
@@ -332,6 +440,9 @@ class OutputsConfig(_Strict):
     probabilities: bool = True
     quicklook: bool = True
     colors: dict[str, str] = Field(default_factory=dict, description="class → '#rrggbb'")
+    earthengine: EarthEngineSink | None = Field(
+        None, description="also ingest the predictions into an Earth Engine image collection"
+    )
 
 
 class WorkflowConfig(_Strict):
@@ -365,10 +476,20 @@ class ScheduleConfig(_Strict):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _source_kind(value: Any) -> str:
+    """``source.kind`` picks the source model; a source without ``kind`` is a raster source."""
+    kind = value.get("kind", "raster") if isinstance(value, dict) else getattr(value, "kind", "raster")
+    return kind if kind in ("raster", "earthengine") else "raster"
+
+
 class PipelineConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     workspace: str = "workspace"
-    source: RasterSource
+    source: Annotated[
+        Annotated[RasterSource, Tag("raster")] | Annotated[EarthEngineSource, Tag("earthengine")],
+        Discriminator(_source_kind),
+    ]
+    earthengine: EarthEngineConfig | None = None
     grid: GridConfig = GridConfig()
     export: ExportConfig = ExportConfig()
     model: ModelConfig
@@ -389,6 +510,17 @@ class PipelineConfig(_Strict):
             raise ValueError(
                 f"model.input_bands {missing} are not bands of the source; source bands: {exported}"
             )
+        uses_ee = self.source.kind == "earthengine" or self.outputs.earthengine is not None
+        if uses_ee and self.earthengine is None:
+            raise ValueError(
+                "the earthengine source or sink needs an 'earthengine:' section (project, staging)"
+            )
+        if self.source.kind == "earthengine":
+            missing = [n for n in ("crs", "resolution") if getattr(self.grid, n) is None]
+            if self.grid.region.bbox is None and self.grid.region.geojson is None:
+                missing.append("region")
+            if missing:
+                raise ValueError(f"an earthengine source needs grid.{', grid.'.join(missing)}")
         unknown = sorted(set(self.outputs.colors) - set(self.model.classes or []))
         if unknown:
             raise ValueError(f"outputs.colors names {unknown}, not in model.classes {self.model.classes}")
@@ -417,7 +549,10 @@ class PipelineConfig(_Strict):
 def _format_errors(source: str, error: ValidationError) -> str:
     lines = [f"{source}: invalid configuration"]
     for item in error.errors():
-        location = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        parts = [str(p) for p in item["loc"]]
+        if parts[:1] == ["source"] and parts[1:2] in (["raster"], ["earthengine"]):
+            del parts[1]  # the source kind's union tag, not a field the user wrote
+        location = ".".join(parts) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         value = item.get("input")
         shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{…}"

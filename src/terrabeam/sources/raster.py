@@ -6,7 +6,6 @@ margin), so memory does not depend on the scene's size.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
-from rasterio.warp import transform_bounds, transform_geom
+from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from terrabeam.config import PipelineConfig
@@ -29,19 +28,10 @@ from terrabeam.errors import GridMismatchError, InputError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, ShardedWriter, manifest_path, mixer_path
 from terrabeam.progress import Progress
+from terrabeam.sources.region import TargetRegion, region_bounds, snap
 from terrabeam.tfrecord import encode_example
 
 BLOCK_WIDTH = 2048  # pixels of patch cores read per block
-
-
-@dataclass(frozen=True)
-class TargetRegion:
-    """The true region to predict, in pixels of the target grid."""
-
-    crs: str
-    transform: Affine
-    width: int
-    height: int
 
 
 def _open(path: Path, name: str) -> rasterio.DatasetReader:
@@ -51,46 +41,6 @@ def _open(path: Path, name: str) -> rasterio.DatasetReader:
         return rasterio.open(path)
     except rasterio.errors.RasterioIOError as exc:
         raise InputError(f"source.bands.{name}.path: cannot read {path} ({exc})") from None
-
-
-def _region_bounds(config: PipelineConfig, crs: CRS, first: rasterio.DatasetReader) -> tuple:
-    region = config.grid.region
-    if region.bbox is not None:
-        return tuple(region.bbox)
-    if region.geojson is not None:
-        geometry = region.geojson
-        if isinstance(geometry, str):
-            import json
-
-            path = config.resolve(geometry)
-            if not path.is_file():
-                raise InputError(f"grid.region.geojson: file not found: {path}")
-            geometry = json.loads(path.read_text())
-        if geometry.get("type") == "FeatureCollection":
-            geometry = {
-                "type": "GeometryCollection",
-                "geometries": [f["geometry"] for f in geometry["features"]],
-            }
-        elif geometry.get("type") == "Feature":
-            geometry = geometry["geometry"]
-        projected = transform_geom("EPSG:4326", crs, geometry)
-        coords = np.array(list(_coordinates(projected)), dtype=float)
-        return coords[:, 0].min(), coords[:, 1].min(), coords[:, 0].max(), coords[:, 1].max()
-    return transform_bounds(first.crs, crs, *first.bounds)
-
-
-def _coordinates(geometry: dict):
-    if geometry["type"] == "GeometryCollection":
-        for part in geometry["geometries"]:
-            yield from _coordinates(part)
-        return
-    stack = [geometry["coordinates"]]
-    while stack:
-        item = stack.pop()
-        if item and isinstance(item[0], int | float):
-            yield item[:2]
-        else:
-            stack.extend(item)
 
 
 def target_region(config: PipelineConfig) -> TargetRegion:
@@ -109,13 +59,8 @@ def target_region(config: PipelineConfig) -> TargetRegion:
                 )
             resolution = (abs(first.transform.a), abs(first.transform.e))
         xres, yres = resolution if isinstance(resolution, tuple) else (resolution, resolution)
-        minx, miny, maxx, maxy = _region_bounds(config, crs, first)
-    # Snap outward to the pixel grid of the CRS origin, as `gdalwarp -tap` does.
-    left = math.floor(round(minx / xres, 9)) * xres
-    top = math.ceil(round(maxy / yres, 9)) * yres
-    width = math.ceil(round((maxx - left) / xres, 9))
-    height = math.ceil(round((top - miny) / yres, 9))
-    return TargetRegion(crs.to_string(), Affine(xres, 0, left, 0, -yres, top), width, height)
+        bounds = region_bounds(config, crs) or transform_bounds(first.crs, crs, *first.bounds)
+    return snap(crs, (xres, yres), bounds)
 
 
 class _BandReader:

@@ -14,51 +14,20 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from terrabeam.config import PipelineConfig, WorkflowConfig
 from terrabeam.errors import TerrabeamError, TransientError, WorkspaceError
 from terrabeam.workflow import steps
 from terrabeam.workflow.state import RunRecord, RunState
+from terrabeam.workflow.tasks import LocalTask, RunContext, StepTask, task_for
 from terrabeam.workspace import STEPS, Workspace, new_run_id
 
 log = logging.getLogger("terrabeam.workflow")
 
 
-class StepTask(Protocol):
-    """The step protocol: start the work, then poll until it reports. A local task does its work in
-    start(); a remote one (an Earth Engine task, a Dataflow job) returns its job id there and is
-    polled until the job ends. The id is recorded with the step, so a resumed run can find the job."""
+# Tests may replace a step by a function(config, workspace, beam_args) → StepReport.
+StepFunction = Callable[..., steps.StepReport]
 
-    def start(self) -> str | None: ...
-
-    def poll(self) -> steps.StepReport | None: ...
-
-
-class LocalTask:
-    """A step that runs in this process: start() does the work, poll() returns its report."""
-
-    def __init__(self, function: Callable[[], steps.StepReport]) -> None:
-        self._function = function
-        self._report: steps.StepReport | None = None
-
-    def start(self) -> str | None:
-        self._report = self._function()
-        return None
-
-    def poll(self) -> steps.StepReport | None:
-        return self._report
-
-
-# name → function(config, workspace, beam_args) → StepReport, run as LocalTasks; the predict
-# step's model probe is skipped because the run validated the model before its first step.
-STEP_FUNCTIONS: dict[str, Callable[..., steps.StepReport]] = {
-    "export": lambda config, workspace, beam_args: steps.export_step(config, workspace),
-    "predict": lambda config, workspace, beam_args: steps.predict_step(
-        config, workspace, beam_args, probe=False
-    ),
-    "deliver": lambda config, workspace, beam_args: steps.deliver_step(config, workspace),
-}
 
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 
@@ -127,13 +96,13 @@ class Runner:
         root: Path,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
-        step_functions: dict[str, Callable[..., steps.StepReport]] | None = None,
+        step_functions: dict[str, StepFunction] | None = None,
     ) -> None:
         self.config = config
         self.root = root
         self.sleep = sleep
         self.rng = rng or random.Random()
-        self.step_functions = step_functions or STEP_FUNCTIONS
+        self.step_functions = step_functions or {}
         self.backoff = Backoff.from_config(config.workflow)
 
     def state(self) -> RunState:
@@ -152,6 +121,7 @@ class Runner:
     ) -> RunRecord:
         """Run (or resume) the pipeline for ``window``; a delivered run is not repeated unless forced."""
         config = self.config
+        steps.check_access(config)  # e.g. Earth Engine credentials: fail before touching the workspace
         with pipeline_lock(self.root, config.name, wait):
             state = self.state()
             try:
@@ -197,7 +167,7 @@ class Runner:
                 if step.status == "done" and workspace.step_dir(step.name).is_dir():
                     reports.append(steps.StepReport(step.name, step.seconds or 0.0, step.outputs))
                     continue
-                reports.append(self._attempt(state, record.id, step.name, workspace, beam_args))
+                reports.append(self._attempt(state, record, step.name, workspace, beam_args))
                 steps.release_free_memory()
         except BaseException as exc:
             state.finish_run(record.id, "failed", error=_one_line(exc))
@@ -208,13 +178,16 @@ class Runner:
         return state.get_run(record.id)
 
     def _attempt(
-        self, state: RunState, run_id: str, name: str, workspace: Workspace, beam_args: Sequence[str]
+        self, state: RunState, record: RunRecord, name: str, workspace: Workspace, beam_args: Sequence[str]
     ) -> steps.StepReport:
         limit = self.config.workflow.retries
+        run_id = record.id
+        window = (record.window_start, record.window_end) if record.window_start else None
         while True:
             attempt = state.start_attempt(run_id, name)
-            function = self.step_functions[name]
-            task = LocalTask(lambda f=function: f(self.config, workspace, beam_args))
+            recorded = next(s.external_id for s in state.get_run(run_id).steps if s.name == name)
+            context = RunContext(run_id, window, record.created, recorded)
+            task = self._task(name, workspace, beam_args, context)
             try:
                 report = self._start_and_poll(task, state, run_id, name)
             except Exception as exc:
@@ -229,6 +202,14 @@ class Runner:
                 continue
             state.finish_step(run_id, name, report.seconds, report.details)
             return report
+
+    def _task(
+        self, name: str, workspace: Workspace, beam_args: Sequence[str], context: RunContext
+    ) -> StepTask:
+        if name in self.step_functions:
+            function = self.step_functions[name]
+            return LocalTask(lambda: function(self.config, workspace, beam_args))
+        return task_for(name, self.config, workspace, beam_args, context)
 
     def _start_and_poll(self, task: StepTask, state: RunState, run_id: str, name: str) -> steps.StepReport:
         """Start a task, record its external id, and poll with growing pauses until it reports."""

@@ -200,3 +200,21 @@ def write_summary(config: PipelineConfig, workspace: Workspace, reports: list[St
     partial.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(partial, path)
     return path
+
+
+# The steps that run in this process, as function(config, workspace, beam_args) → StepReport. The
+# predict step's model probe is skipped: a run validates the model before its first step.
+LOCAL_STEPS = {
+    "export": lambda config, workspace, beam_args: export_step(config, workspace),
+    "predict": lambda config, workspace, beam_args: predict_step(config, workspace, beam_args, probe=False),
+    "deliver": lambda config, workspace, beam_args: deliver_step(config, workspace),
+}
+
+
+def check_access(config: PipelineConfig) -> None:
+    """Fail before a run touches its workspace if a remote service it needs cannot be reached
+    (today: Earth Engine credentials for an earthengine source or sink)."""
+    if config.source.kind == "earthengine" or config.outputs.earthengine is not None:
+        from terrabeam.earthengine import find_credentials
+
+        find_credentials(config.earthengine)

@@ -1,0 +1,87 @@
+"""Files wherever they live: local paths, ``gs://`` and ``s3://`` URIs, through Apache Beam's FileSystems.
+
+One file-system layer for the whole tool: the predict pipeline's workers already read through Beam's
+FileSystems, so the steps around it use the same (the same credentials, the same URI schemes and the
+same bugs) instead of a second library. Beam cannot copy between two different file systems, so
+transfers stream bytes through this process; compression is always off, so ``.gz`` files are moved
+byte for byte and never re-compressed.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable
+from pathlib import Path
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from terrabeam.errors import InputError, TransientError
+
+CHUNK = 8 * 2**20
+RAW = CompressionTypes.UNCOMPRESSED
+
+
+def is_remote(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def join(folder: str, *names: str) -> str:
+    """Join a folder URI (or path) and names with '/', whatever the scheme."""
+    if is_remote(folder):
+        return posixpath.join(folder.rstrip("/"), *names)
+    return str(Path(folder, *names))
+
+
+def list_files(pattern: str) -> list[tuple[str, int]]:
+    """(path, size) of every file matching a glob such as ``gs://bucket/run/export/patches*``, sorted."""
+    try:
+        result = FileSystems.match([pattern])[0]
+    except Exception as exc:  # Beam wraps every scheme's error in BeamIOError
+        raise _storage_error(f"cannot list {pattern}", exc) from None
+    return sorted((m.path, m.size_in_bytes) for m in result.metadata_list)
+
+
+def copy_file(source: str, destination: str) -> int:
+    """Stream one file from ``source`` to ``destination`` (any schemes); returns the bytes copied.
+
+    The destination appears whole or not at all: local files are written under a temporary name and
+    renamed; object stores publish an object only when its upload completes.
+    """
+    local_target = None if is_remote(destination) else Path(destination)
+    target = str(local_target.with_name(f".{local_target.name}.partial")) if local_target else destination
+    copied = 0
+    try:
+        with FileSystems.open(source, compression_type=RAW) as reader:
+            if local_target:
+                local_target.parent.mkdir(parents=True, exist_ok=True)
+            with FileSystems.create(target, compression_type=RAW) as writer:
+                while chunk := reader.read(CHUNK):
+                    writer.write(chunk)
+                    copied += len(chunk)
+    except Exception as exc:
+        if local_target:
+            Path(target).unlink(missing_ok=True)
+        raise _storage_error(f"cannot copy {source} to {destination}", exc) from None
+    if local_target:
+        Path(target).replace(local_target)
+    return copied
+
+
+def copy_files(sources: Iterable[str], folder: str) -> list[str]:
+    """Copy files into ``folder`` keeping their names; returns the new locations."""
+    copied = []
+    for source in sources:
+        destination = join(folder, posixpath.basename(source.rstrip("/")))
+        copy_file(source, destination)
+        copied.append(destination)
+    return copied
+
+
+def _storage_error(message: str, exc: BaseException) -> Exception:
+    """Network and server trouble is worth a retry; a missing file or bad URI is not."""
+    text = f"{message}: {type(exc).__name__}: {exc}".splitlines()[0][:500]
+    transient_words = ("timed out", "timeout", "connection", "503", "502", "500", "429", "unavailable")
+    if any(word in text.lower() for word in transient_words):
+        return TransientError(text)
+    return InputError(text)

@@ -1,0 +1,194 @@
+"""Step tasks: the start → poll protocol the runner drives.
+
+A local task does its work in ``start()``. A remote task (an Earth Engine export or ingestion)
+returns the task's operation name from ``start()``, which the runner records with the step, and is
+polled until the task ends. A task given the id recorded by an earlier attempt adopts that task
+instead of starting another, unless it failed or was cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from datetime import time as day_time
+from typing import Protocol
+
+from terrabeam.config import PipelineConfig
+from terrabeam.workflow import steps
+from terrabeam.workspace import Workspace
+
+log = logging.getLogger("terrabeam.workflow")
+
+
+class StepTask(Protocol):
+    def start(self) -> str | None: ...
+
+    def poll(self) -> steps.StepReport | None: ...
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a step knows of its run beyond the workspace: window, creation time, a recorded task id."""
+
+    run_id: str
+    window: tuple[str, str] | None = None
+    created: float | None = None
+    external_id: str | None = None
+
+
+class LocalTask:
+    """A step that runs in this process: start() does the work, poll() returns its report."""
+
+    def __init__(self, function: Callable[[], steps.StepReport]) -> None:
+        self._function = function
+        self._report: steps.StepReport | None = None
+
+    def start(self) -> str | None:
+        self._report = self._function()
+        return None
+
+    def poll(self) -> steps.StepReport | None:
+        return self._report
+
+
+def _adoptable(external_id: str | None, what: str) -> str | None:
+    """The recorded task if it is still running or succeeded; None if there is none or it failed."""
+    if not external_id:
+        return None
+    from terrabeam.earthengine import task_state
+
+    state = task_state(external_id)
+    if state.state in ("FAILED", "CANCELLED"):
+        log.warning(
+            "earlier %s task %s %s (%s); starting a new one", what, external_id, state.state, state.error
+        )
+        return None
+    log.info("resuming %s task %s (%s)", what, external_id, state.state)
+    return external_id
+
+
+class EarthEngineExportTask:
+    """Export from Earth Engine to Cloud Storage, then copy the patches into the run's export folder."""
+
+    def __init__(self, config: PipelineConfig, workspace: Workspace, context: RunContext) -> None:
+        self.config, self.workspace, self.context = config, workspace, context
+        self.operation: str | None = None
+        self.started = time.perf_counter()
+
+    def start(self) -> str | None:
+        from terrabeam.sources.earthengine import start_export
+
+        self.operation = _adoptable(self.context.external_id, "export")
+        if self.operation is None:
+            self.operation = start_export(
+                self.config,
+                self.context.run_id,
+                self.context.window,
+                self.context.created,
+                after=self.context.external_id,
+            )
+            log.info("started Earth Engine export %s", self.operation)
+        return self.operation
+
+    def poll(self) -> steps.StepReport | None:
+        from terrabeam.earthengine import raise_if_failed, task_state
+        from terrabeam.sources.earthengine import download_export
+
+        state = task_state(self.operation)
+        if not state.done:
+            return None
+        raise_if_failed(state, "export")
+        with self.workspace.staging("export") as staging:
+            grid, manifest = download_export(self.config, self.context.run_id, staging)
+        return steps.StepReport(
+            "export",
+            time.perf_counter() - self.started,
+            {
+                "patches": grid.total_patches,
+                "shards": len(manifest.shard_records),
+                "bands": manifest.bands,
+                "region_pixels": [manifest.region_width, manifest.region_height],
+                "earthengine_task": self.operation,
+            },
+        )
+
+
+class EarthEngineDeliverTask:
+    """Ingest the predictions into an Earth Engine image collection, and write the local files too."""
+
+    def __init__(self, config: PipelineConfig, workspace: Workspace, context: RunContext) -> None:
+        self.config, self.workspace, self.context = config, workspace, context
+        self.operation: str | None = None
+        self.started = time.perf_counter()
+        self.start_time, self.end_time, self.run_date = ingestion_times(config, context)
+
+    def start(self) -> str | None:
+        from terrabeam.sinks.earthengine import start_ingestion
+
+        self.operation = _adoptable(self.context.external_id, "ingestion")
+        if self.operation is None:
+            predict_dir = self.workspace.require_step("predict")
+            ingestion = start_ingestion(
+                self.config,
+                predict_dir,
+                self.context.run_id,
+                self.start_time,
+                self.end_time,
+                self.run_date,
+                after=self.context.external_id,
+            )
+            self.operation = ingestion.operation
+            if self.operation is None:
+                log.warning("asset %s exists already; not ingesting again", ingestion.asset)
+        return self.operation
+
+    def poll(self) -> steps.StepReport | None:
+        from terrabeam.earthengine import raise_if_failed, task_state
+        from terrabeam.sinks.earthengine import asset_id
+
+        if self.operation is not None:
+            state = task_state(self.operation)
+            if not state.done:
+                return None
+            raise_if_failed(state, "ingestion")
+        report = steps.deliver_step(self.config, self.workspace)
+        asset = asset_id(self.config, self.context.run_id, self.start_time, self.end_time, self.run_date)
+        report.details["outputs"].append(f"earthengine://{asset}")
+        report.details["earthengine_task"] = self.operation
+        report.seconds = time.perf_counter() - self.started
+        return report
+
+
+def ingestion_times(config: PipelineConfig, context: RunContext) -> tuple[datetime, datetime, datetime]:
+    """(start, end, run date) of the delivered image: the composite window for an Earth Engine source,
+    else the run's window, else the run's day."""
+    from terrabeam.sources.earthengine import composite_window, run_date
+
+    day = run_date(context.window, context.created)
+    if config.source.kind == "earthengine":
+        start, end = composite_window(config.source, context.window, day)
+    elif context.window is not None:
+        start, end = (datetime.fromisoformat(w).date() for w in context.window)
+    else:
+        start, end = day, day
+    as_datetime = lambda d: datetime.combine(d, day_time(), UTC)  # noqa: E731
+    return as_datetime(start), as_datetime(end), as_datetime(day)
+
+
+def task_for(
+    name: str,
+    config: PipelineConfig,
+    workspace: Workspace,
+    beam_args: Sequence[str],
+    context: RunContext,
+) -> StepTask:
+    """The task that runs step ``name`` of this config."""
+    if name == "export" and config.source.kind == "earthengine":
+        return EarthEngineExportTask(config, workspace, context)
+    if name == "deliver" and config.outputs.earthengine is not None:
+        return EarthEngineDeliverTask(config, workspace, context)
+    function = steps.LOCAL_STEPS[name]
+    return LocalTask(lambda: function(config, workspace, beam_args))
