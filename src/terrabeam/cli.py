@@ -76,6 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="refuse instead of queueing behind a running pipeline of the same name",
             )
+    deploy = commands.add_parser(
+        "deploy",
+        help="render what runs the pipeline in the cloud (images, templates, workflow, schedule, script)",
+        description="Render what runs the pipeline in the cloud; nothing is deployed until you run the "
+        "rendered deploy.sh.",
+    )
+    targets = deploy.add_subparsers(dest="target", required=True, metavar="TARGET")
+    gcp = targets.add_parser(
+        "gcp",
+        help="Google Cloud: Dataflow Flex Template (predict), Cloud Run (export, deliver), Workflows, "
+        "Cloud Scheduler, a service account, deploy.sh",
+        description="Render the Google Cloud deployment of CONFIG into DIR (see README, 'Deploy to "
+        "Google Cloud'). Needs runner.kind: dataflow, runner.service_account and deploy.gcp.workspace.",
+    )
+    gcp.add_argument("config", type=Path, help="pipeline YAML file")
+    gcp.add_argument("--out", type=Path, required=True, help="folder to render into (replaced whole)")
     history = {
         "resume": "continue run RUN from its first unfinished step (finished prediction shards are kept)",
         "runs": "list the runs of the workspace (status, durations, pixels)",
@@ -230,6 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("runs", "status", "resume"):
             return _history_command(args, beam_args)
         config = load_config(args.config)
+        if args.command == "deploy":
+            from terrabeam.deploy.gcp import render_gcp
+
+            files = render_gcp(config, args.out)
+            print(f"{args.out}: {len(files)} files; review them, then run {args.out / 'deploy.sh'}")
+            return 0
         if args.command == "validate":
             steps.validate_before_run(config)
             print(f"{args.config}: valid (config hash {config.fingerprint()})")

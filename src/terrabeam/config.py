@@ -476,6 +476,38 @@ class ScheduleConfig(_Strict):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+class GcpDeployConfig(_Strict):
+    """Google Cloud deployment (`terrabeam deploy gcp`); project, region and buckets come from runner."""
+
+    workspace: str = Field(
+        pattern=r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[^\s]*)?$",
+        description="gs:// folder the cloud runs live in (<run>/export, predict, deliver)",
+    )
+    repository: str = Field(
+        "terrabeam",
+        pattern=r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+        description="Artifact Registry Docker repository (in runner.region; created if missing)",
+    )
+    service: str | None = Field(
+        None,
+        pattern=r"^[a-z]([a-z0-9-]{0,47}[a-z0-9])?$",
+        description="Cloud Run service for export and deliver (default: <name>-steps)",
+    )
+    workflow: str | None = Field(
+        None,
+        pattern=r"^[a-z]([a-z0-9_-]{0,62}[a-z0-9])?$",
+        description="Cloud Workflows workflow (default: <name>)",
+    )
+    memory: str = Field("4Gi", pattern=r"^[0-9]+(Mi|Gi)$", description="memory of a Cloud Run instance")
+    cpu: int = Field(2, ge=1, le=8, description="vCPUs of a Cloud Run instance")
+
+
+class DeployConfig(_Strict):
+    """Where `terrabeam deploy` puts the pipeline."""
+
+    gcp: GcpDeployConfig | None = None
+
+
 def _source_kind(value: Any) -> str:
     """``source.kind`` picks the source model; a source without ``kind`` is a raster source."""
     kind = value.get("kind", "raster") if isinstance(value, dict) else getattr(value, "kind", "raster")
@@ -498,6 +530,7 @@ class PipelineConfig(_Strict):
     outputs: OutputsConfig = OutputsConfig()
     workflow: WorkflowConfig = WorkflowConfig()
     schedule: ScheduleConfig | None = None
+    deploy: DeployConfig | None = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source_path: Path | None = PrivateAttr(default=None)

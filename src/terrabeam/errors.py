@@ -35,3 +35,7 @@ class WorkspaceError(TerrabeamError):
 
 class TransientError(TerrabeamError):
     """A failure worth retrying: network trouble, HTTP 429/5xx, a lost worker."""
+
+
+class DeployError(TerrabeamError):
+    """A deployment cannot be rendered: the output folder or the files to bundle are not usable."""

