@@ -92,3 +92,20 @@ def test_earth_engine_export_round_trip(tmp_path, example_pb2):
         np.testing.assert_array_equal(record["class"].reshape(H, W), np.argmax(core, axis=0))
     assert json.loads((tmp_path / "ws" / "ee" / "predict" / "predictions-mixer.json").read_text()) == mixer
     assert main(["deliver", str(config), "--run", "ee"]) == 0
+
+
+def test_an_export_with_its_mixer_elsewhere_reads_with_export_mixer(tmp_path, example_pb2):
+    """Earth Engine's mixer given explicitly (``export.mixer``) instead of ``<prefix>-mixer.json``."""
+    test_earth_engine_export_round_trip(tmp_path, example_pb2)
+    export = tmp_path / "ws" / "ee" / "export"
+    moved = tmp_path / "downloads" / "my-mixer.json"
+    moved.parent.mkdir()
+    (export / "ee-mixer.json").rename(moved)
+    config = tmp_path / "ee.yaml"
+    assert main(["predict", str(config), "--run", "ee"]) == 1  # no mixer beside the shards
+    document = yaml.safe_load(config.read_text())
+    document["export"]["mixer"] = str(moved)
+    config.write_text(yaml.safe_dump(document))
+    assert main(["predict", str(config), "--run", "ee"]) == 0
+    shards = list_shards(tmp_path / "ws" / "ee" / "predict", "predictions")
+    assert [sum(1 for _ in read_records(s)) for s in shards] == [3, 2, 2]

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "until SIGTERM (see 'schedule:' in the config)",
     }
     beam_epilog = (
-        "Other --options go to Apache Beam's PipelineOptions and win over predict.pipeline_options, "
+        "Other --options go to Apache Beam's PipelineOptions and win over the config's runner: section, "
         "e.g. --runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing."
     )
     for name, text in helps.items():

@@ -237,6 +237,10 @@ class ExportConfig(_Strict):
     prefix: str = Field("patches", pattern=r"^[A-Za-z0-9_.]+$")
     max_file_size: int = Field(104_857_600, gt=0, description="bytes per shard at most")
     compression_level: int = Field(1, ge=0, le=3, description="gzip level 1–3 (ISA-L); 0: plain TFRecord")
+    mixer: str | None = Field(
+        None,
+        description="an Earth Engine export's mixer, when it is not <prefix>-mixer.json beside the shards",
+    )
 
 
 class Normalization(_Strict):

@@ -49,7 +49,8 @@ class PredictResult:
 def read_export(config: PipelineConfig, export_dir: Path) -> tuple[Grid, ExportManifest, list[Path]]:
     """Mixer, manifest and shards of an export (an Earth Engine export without manifest uses the config)."""
     prefix = config.export.prefix
-    grid = Grid.read_mixer(mixer_path(export_dir, prefix))
+    explicit = config.export.mixer
+    grid = Grid.read_mixer(config.resolve(explicit) if explicit else mixer_path(export_dir, prefix))
     shards = list_shards(export_dir, prefix)
     manifest_file = manifest_path(export_dir, prefix)
     if manifest_file.exists():
