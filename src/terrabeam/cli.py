@@ -12,7 +12,7 @@ from pathlib import Path
 from terrabeam import __version__
 from terrabeam.config import PipelineConfig, load_config
 from terrabeam.errors import ConfigError, TerrabeamError, WorkspaceError
-from terrabeam.workspace import Workspace, new_run_id
+from terrabeam.workspace import Workspace, new_run_id, resolve_root
 
 DESCRIPTION = """\
 Run a trained model over satellite imagery, patch by patch, on Apache Beam.
@@ -28,7 +28,8 @@ A run has three steps, each writing a folder in the run workspace <workspace>/<r
 def _common(parser: argparse.ArgumentParser, new_run: bool, with_run: bool = True) -> None:
     parser.add_argument("config", type=Path, help="pipeline YAML file")
     parser.add_argument(
-        "--workspace", type=Path, help="workspace root (default: 'workspace:' from the config)"
+        "--workspace",
+        help="workspace root: a folder, gs://… or s3://… (default: 'workspace:' from the config)",
     )
     if not with_run:
         parser.set_defaults(run_id=None)
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "runs":
             sub.add_argument("run_id", metavar="RUN", help="run id")
         sub.add_argument(
-            "--workspace", type=Path, default=Path("workspace"), help="workspace root (default: ./workspace)"
+            "--workspace", default="workspace", help="workspace root: folder or URI (default: ./workspace)"
         )
         if name != "resume":
             sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -135,18 +136,26 @@ def _print_status(record, as_json: bool) -> None:
         print(f"output  {output}")
 
 
+def _root(config: PipelineConfig, args: argparse.Namespace) -> tuple[Path, str | None]:
+    """(local root, remote URI or None): --workspace (relative to the current folder) or the config's
+    'workspace:' (relative to the config file)."""
+    if args.workspace:
+        return resolve_root(args.workspace)
+    return resolve_root(config.workspace, config.base_dir)
+
+
 def _workspace(config: PipelineConfig, args: argparse.Namespace, new_run: bool) -> Workspace:
-    root = args.workspace.resolve() if args.workspace else config.resolve(config.workspace)
+    root, remote = _root(config, args)
     if args.run_id:
-        return Workspace(root, args.run_id)
-    return Workspace(root, new_run_id(root)) if new_run else Workspace.latest(root)
+        return Workspace(root, args.run_id, remote)
+    return Workspace(root, new_run_id(root), remote) if new_run else Workspace.latest(root, remote)
 
 
 def _history_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     from terrabeam.workflow.runner import Runner
     from terrabeam.workflow.state import RunState
 
-    root = args.workspace.resolve()
+    root, remote = resolve_root(args.workspace)
     if not (root / "terrabeam.db").exists():
         raise WorkspaceError(f"{root}: no run history here (terrabeam.db); give --workspace")
     state = RunState(root / "terrabeam.db")
@@ -165,19 +174,23 @@ def _history_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     if not record.config_path:
         raise WorkspaceError(f"run {record.id} has no recorded configuration file; run the config again")
     config = load_config(record.config_path)
-    record = Runner(config, root).run(record.id, None, beam_args)
-    print(f"run {record.id}: {record.status}; summary: {root / record.id / 'summary.json'}")
+    record = Runner(config, root, remote=remote).run(record.id, None, beam_args)
+    print(
+        f"run {record.id}: {record.status}; summary: {Workspace(root, record.id, remote).location}/summary.json"
+    )
     return 0
 
 
-def _schedule(config: PipelineConfig, root: Path, once: bool, beam_args: list[str]) -> int:
+def _schedule(
+    config: PipelineConfig, root: Path, remote: str | None, once: bool, beam_args: list[str]
+) -> int:
     import signal
     import threading
 
     from terrabeam.workflow.runner import Runner
     from terrabeam.workflow.schedule import Scheduler
 
-    runner = Runner(config, root)
+    runner = Runner(config, root, remote=remote)
     scheduler = Scheduler(config, root, lambda window: runner.run(None, window, beam_args))
     if once:
         ran = scheduler.run_due()
@@ -256,16 +269,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps.validate_before_run(config)
             print(f"{args.config}: valid (config hash {config.fingerprint()})")
             return 0
-        root = args.workspace.resolve() if args.workspace else config.resolve(config.workspace)
+        root, remote = _root(config, args)
         if args.command == "schedule":
-            return _schedule(config, root, args.once, beam_args)
+            return _schedule(config, root, remote, args.once, beam_args)
         if args.command == "run":
             window = tuple(args.window.split("/", 1)) if args.window else None
             if window is not None and len(window) != 2:
                 raise ConfigError(f"--window {args.window!r}: expected START/END")
-            record = Runner(config, root).run(args.run_id, window, beam_args, args.force, not args.no_wait)
+            runner = Runner(config, root, remote=remote)
+            record = runner.run(args.run_id, window, beam_args, args.force, not args.no_wait)
             print(json.dumps(record.outputs, indent=2))
-            print(f"run {record.id}: {record.status}; summary: {root / record.id / 'summary.json'}")
+            summary = f"{Workspace(root, record.id, remote).location}/summary.json"
+            print(f"run {record.id}: {record.status}; summary: {summary}")
             return 0
         if args.command == "predict":
             report_args = beam_args

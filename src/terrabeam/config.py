@@ -563,8 +563,15 @@ class PipelineConfig(_Strict):
             raise ValueError(f"outputs.colors names {unknown}, not in model.classes {self.model.classes}")
         return self
 
+    def locate(self, path: str) -> str:
+        """A path from the file made absolute against the file's directory; a URI (gs://, s3://,
+        http(s)://, /vsi…) is returned as it is."""
+        if "://" in path or path.startswith("/vsi"):
+            return path
+        return str(self.resolve(path))
+
     def resolve(self, path: str) -> Path:
-        """A path from the file, made absolute against the file's directory."""
+        """A local path from the file, made absolute against the file's directory."""
         candidate = Path(path).expanduser()
         return candidate if candidate.is_absolute() else (self._base_dir / candidate).resolve()
 

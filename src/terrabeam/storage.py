@@ -9,6 +9,7 @@ byte for byte and never re-compressed.
 
 from __future__ import annotations
 
+import os
 import posixpath
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +20,13 @@ from apache_beam.io.filesystems import FileSystems
 from terrabeam.errors import InputError, TransientError
 
 CHUNK = 8 * 2**20
+
+
+def cache_dir() -> Path:
+    """Where local copies live: remote models, the mirror of a remote workspace (``$TERRABEAM_CACHE``)."""
+    return Path(os.environ.get("TERRABEAM_CACHE", "~/.cache/terrabeam")).expanduser()
+
+
 RAW = CompressionTypes.UNCOMPRESSED
 
 
@@ -85,3 +93,47 @@ def _storage_error(message: str, exc: BaseException) -> Exception:
     if any(word in text.lower() for word in transient_words):
         return TransientError(text)
     return InputError(text)
+
+
+def exists(location: str) -> bool:
+    try:
+        return FileSystems.exists(location)
+    except Exception as exc:
+        raise _storage_error(f"cannot check {location}", exc) from None
+
+
+def read_bytes(location: str) -> bytes:
+    try:
+        with FileSystems.open(location, compression_type=RAW) as reader:
+            return reader.read()
+    except Exception as exc:
+        raise _storage_error(f"cannot read {location}", exc) from None
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    try:
+        with FileSystems.create(location, compression_type=RAW) as writer:
+            writer.write(data)
+    except Exception as exc:
+        raise _storage_error(f"cannot write {location}", exc) from None
+
+
+def local_copy(location: str | Path, cache: Path | None = None) -> Path:
+    """A local path for ``location``: itself if local, else a copy in ``cache`` (reused while its size
+    matches). GDAL reads gs:// and s3:// itself; models and shards are read from local copies."""
+    if not is_remote(location):
+        return Path(location)
+    size = dict(list_files(str(location))).get(str(location))
+    if size is None:
+        raise InputError(f"{location}: not found")
+    target = (cache or cache_dir() / "files") / str(location).replace("://", "/")
+    if not (target.exists() and target.stat().st_size == size):
+        copy_file(str(location), str(target))
+    return target
+
+
+def delete(locations: list[str]) -> None:
+    try:
+        FileSystems.delete(locations)
+    except Exception as exc:
+        raise _storage_error(f"cannot delete {locations}", exc) from None

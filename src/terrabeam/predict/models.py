@@ -66,7 +66,12 @@ class PatchModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
 
     def load_model(self) -> Predictor:
         task = "regression" if self._model.output == "regression" else "classification"
-        return load_predictor(self._model.framework, self._path, self._model.threads, task)
+        path = self._path
+        if "://" in path:  # a model in the workspace's object store: each worker reads a local copy
+            from terrabeam.storage import local_copy
+
+            path = str(local_copy(path))
+        return load_predictor(self._model.framework, path, self._model.threads, task)
 
     def run_inference(
         self, batch: Sequence[np.ndarray], model: Predictor, inference_args: dict[str, Any] | None = None
@@ -142,6 +147,10 @@ def probe_model(
     """Load the model and run it once on one zero patch of ``patch_shape`` (H, W), as the pipeline
     will; fail before any work if bands, layout, patch size or output count do not fit the config."""
     if model.framework == "onnx":
+        if "://" in model_path:
+            from terrabeam.storage import local_copy
+
+            model_path = str(local_copy(model_path))
         _check_onnx_input(model, model_path, patch_shape)
     handler = PatchModelHandler(model, model_path, margin)
     predictor = handler.load_model()

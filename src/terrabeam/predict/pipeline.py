@@ -86,7 +86,7 @@ def run_predict(
     grid, manifest, shards = read_export(config, export_dir)
     kw, kh = manifest.kernel_size
     shape = (grid.patch_height + kh, grid.patch_width + kw)
-    model_path = str(config.resolve(config.model.path))
+    model_path = config.locate(config.model.path)
     margin = (kw // 2, kh // 2)
     if probe:
         probe_model(config.model, model_path, shape, margin)

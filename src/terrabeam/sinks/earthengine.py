@@ -92,7 +92,9 @@ def image_manifest(
 
 def model_fingerprint(config: PipelineConfig) -> str:
     """A short hash of the model file (of every file, for a model folder)."""
-    path = config.resolve(config.model.path)
+    from terrabeam.storage import local_copy
+
+    path = local_copy(config.locate(config.model.path))
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:

@@ -34,8 +34,8 @@ from terrabeam.tfrecord import encode_example
 BLOCK_WIDTH = 2048  # pixels of patch cores read per block
 
 
-def _open(path: Path, name: str) -> rasterio.DatasetReader:
-    if not path.exists() and "://" not in str(path) and not str(path).startswith("/vsi"):
+def _open(path: str, name: str) -> rasterio.DatasetReader:
+    if "://" not in path and not path.startswith("/vsi") and not Path(path).exists():
         raise InputError(f"source.bands.{name}.path: file not found: {path}")
     try:
         return rasterio.open(path)
@@ -46,7 +46,7 @@ def _open(path: Path, name: str) -> rasterio.DatasetReader:
 def target_region(config: PipelineConfig) -> TargetRegion:
     """Resolve CRS, resolution and region (defaults from the first band) and snap to whole pixels."""
     name, first_band = next(iter(config.source.bands.items()))
-    with _open(config.resolve(first_band.path), name) as first:
+    with _open(config.locate(first_band.path), name) as first:
         if first.crs is None:
             raise GridMismatchError(f"{first.name}: has no CRS; cannot place it on a grid")
         crs = CRS.from_user_input(config.grid.crs) if config.grid.crs else first.crs
@@ -71,7 +71,7 @@ class _BandReader:
         self.name = name
         self.spec = spec
         self.fill = config.source.fill_value
-        self.dataset = _open(config.resolve(spec.path), name)
+        self.dataset = _open(config.locate(spec.path), name)
         ds = self.dataset
         if spec.band > ds.count:
             ds.close()

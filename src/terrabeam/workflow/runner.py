@@ -97,9 +97,13 @@ class Runner:
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         step_functions: dict[str, StepFunction] | None = None,
+        remote: str | None = None,
     ) -> None:
+        """``root``: the local workspace folder (for a gs:// or s3:// workspace, its local mirror, with
+        ``remote`` its URI)."""
         self.config = config
         self.root = root
+        self.remote = remote
         self.sleep = sleep
         self.rng = rng or random.Random()
         self.step_functions = step_functions or {}
@@ -155,7 +159,7 @@ class Runner:
 
     def _execute(self, state: RunState, record: RunRecord, beam_args: Sequence[str]) -> RunRecord:
         config = self.config
-        workspace = Workspace(self.root, record.id)
+        workspace = Workspace(self.root, record.id, self.remote)
         workspace.ensure_writable()
         for leftover in workspace.remove_leftovers():
             log.warning("removed %s, left by an interrupted step", leftover)
@@ -164,7 +168,7 @@ class Runner:
         try:
             steps.validate_before_run(config)
             for step in record.steps:
-                if step.status == "done" and workspace.step_dir(step.name).is_dir():
+                if step.status == "done" and workspace.has_step(step.name):
                     reports.append(steps.StepReport(step.name, step.seconds or 0.0, step.outputs))
                     continue
                 reports.append(self._attempt(state, record, step.name, workspace, beam_args))

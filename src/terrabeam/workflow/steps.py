@@ -163,9 +163,9 @@ def deliver_step(config: PipelineConfig, workspace: Workspace) -> StepReport:
     predict_dir = workspace.require_step("predict")
     with workspace.staging("deliver") as staging, gdal_env():
         outputs = deliver_geotiff(config, predict_dir, staging)
-    final = workspace.step_dir("deliver")
+    final = workspace.step_location("deliver")
     return StepReport(
-        "deliver", time.perf_counter() - start, {"outputs": [str(final / p.name) for p in outputs]}
+        "deliver", time.perf_counter() - start, {"outputs": [f"{final}/{p.name}" for p in outputs]}
     )
 
 
@@ -173,7 +173,7 @@ def validate_before_run(config: PipelineConfig) -> None:
     """Fail before any work if the model does not fit the configured bands and patch size."""
     kw, kh = config.grid.kernel_size
     pw, ph = config.grid.patch_size
-    probe_model(config.model, str(config.resolve(config.model.path)), (ph + kh, pw + kw), (kw // 2, kh // 2))
+    probe_model(config.model, config.locate(config.model.path), (ph + kh, pw + kw), (kw // 2, kh // 2))
 
 
 def write_summary(config: PipelineConfig, workspace: Workspace, reports: list[StepReport]) -> Path:
@@ -199,6 +199,7 @@ def write_summary(config: PipelineConfig, workspace: Workspace, reports: list[St
     partial = path.with_name(".summary.json.partial")
     partial.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(partial, path)
+    workspace.upload_file(path)
     return path
 
 
