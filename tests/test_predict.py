@@ -113,3 +113,20 @@ def test_earth_engine_export_without_manifest(tmp_path, tiny_pipeline):
 
     with rasterio.open(tmp_path / "ws" / "r" / "deliver" / "tiny-classes.tif") as ds:
         assert (ds.width, ds.height) == (96, 64)  # the whole padded grid: the true region is unknown
+
+
+def test_dataflow_needs_a_way_to_ship_terrabeam_and_a_cloud_workspace(tmp_path, tiny_pipeline):
+    from terrabeam.config import load_config
+    from terrabeam.errors import ConfigError
+    from terrabeam.predict.pipeline import pipeline_flags
+    from terrabeam.workflow.steps import remote_io
+    from terrabeam.workspace import Workspace
+
+    document, write = tiny_pipeline
+    dataflow = {"kind": "dataflow", "project": "p", "region": "r", "temp_location": "gs://b/t"}
+    config = load_config(write(document | {"runner": dataflow}))
+    with pytest.raises(ConfigError, match="workers need terrabeam installed"):
+        pipeline_flags(config)
+    assert "--sdk_container_image=img" in pipeline_flags(config, ["--sdk_container_image=img"])
+    with pytest.raises(ConfigError, match="set 'workspace:' .* to a gs:// folder"):
+        remote_io(config, Workspace(tmp_path / "ws", "r"))

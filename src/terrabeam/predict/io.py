@@ -7,6 +7,8 @@ in any order; the writer groups by shard and restores the order.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -34,6 +36,10 @@ class ReadKeyedRecords(beam.DoFn):
 
     def process(self, shard: tuple[int, str]) -> Iterator[tuple[PatchKey, bytes]]:
         number, path = shard
+        if "://" in path:  # a shard in the workspace's object store: read a local copy
+            from terrabeam.storage import local_copy
+
+            path = local_copy(path)
         for position, payload in enumerate(read_records(path)):
             self.records_read.inc()
             yield PatchKey(number, position), payload
@@ -127,10 +133,13 @@ class PostProcess(beam.DoFn):
 
 
 class _ShardFile:
-    """One prediction shard being written under a temporary name, published by rename when complete."""
+    """One prediction shard being written under a temporary name, published by rename when complete.
+    In an object store (``out_dir`` a URI) it is written locally and uploaded whole when complete."""
 
     def __init__(self, out_dir: str, name: str, compression_level: int) -> None:
-        self.final = Path(out_dir) / name
+        self.remote = f"{out_dir.rstrip('/')}/{name}" if "://" in out_dir else None
+        local_dir = Path(tempfile.mkdtemp(prefix="terrabeam-shard-")) if self.remote else Path(out_dir)
+        self.final = local_dir / name
         self.partial = self.final.with_name(self.final.name + ".partial")
         self.writer = RecordWriter(self.partial, compression_level)
         self.next_position = 0
@@ -151,7 +160,13 @@ class _ShardFile:
                 f"shard {number}: records {sorted(self.pending)[:5]} arrived but record "
                 f"{self.next_position} never did"
             )
-        os.replace(self.partial, self.final)
+        if self.remote is not None:
+            from terrabeam.storage import copy_file
+
+            copy_file(str(self.partial), self.remote)
+            shutil.rmtree(self.partial.parent, ignore_errors=True)
+        else:
+            os.replace(self.partial, self.final)
         return self.next_position
 
 

@@ -17,7 +17,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from terrabeam.config import PipelineConfig
-from terrabeam.errors import RecordCountError, TerrabeamError
+from terrabeam.errors import ConfigError, RecordCountError, TerrabeamError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path, shard_name
 from terrabeam.predict.io import (
@@ -33,8 +33,21 @@ from terrabeam.tfrecord import count_records
 
 
 def pipeline_flags(config: PipelineConfig, extra: Sequence[str] = ()) -> list[str]:
-    """Beam flags from the config's ``runner:`` section, then ``extra`` (so the command line wins)."""
-    return config.runner.beam_flags() + list(extra)
+    """Beam flags from the config's ``runner:`` section, then ``extra`` (so the command line wins).
+
+    Dataflow workers must get terrabeam's code: a worker image (``sdk_container_image``, which
+    `terrabeam deploy gcp` builds) or a package to install; without either the job would fail on
+    its workers after minutes, so it fails here at once.
+    """
+    flags = config.runner.beam_flags() + list(extra)
+    keys = {flag.removeprefix("--").partition("=")[0]: flag.partition("=")[2] for flag in flags}
+    shipped = {"sdk_container_image", "setup_file", "extra_package", "extra_packages"} & set(keys)
+    if keys.get("runner") == "DataflowRunner" and not shipped:
+        raise ConfigError(
+            "runner kind 'dataflow': workers need terrabeam installed; set runner.sdk_container_image "
+            "(a worker image; `terrabeam deploy gcp` renders its Dockerfile) or runner.options.setup_file"
+        )
+    return flags
 
 
 @dataclass(frozen=True)
@@ -72,21 +85,34 @@ def read_export(config: PipelineConfig, export_dir: Path) -> tuple[Grid, ExportM
     return grid, manifest, shards
 
 
+@dataclass(frozen=True)
+class RemoteIO:
+    """For workers that cannot see this machine's files (Dataflow, a remote job service): where they
+    read the export's shards and the model, and where they write prediction shards (URIs)."""
+
+    export: str
+    work: str
+    model: str
+
+
 def run_predict(
     config: PipelineConfig,
     export_dir: Path,
     out_dir: Path,
     beam_args: Sequence[str] = (),
     probe: bool = True,
+    remote: RemoteIO | None = None,
 ) -> PredictResult:
     """Predict every patch of ``export_dir`` into ``out_dir`` (prediction shards + mixer + manifest).
 
     ``probe=False`` skips the model probe when the caller has just probed the same model and shape.
+    With ``remote``, the workers read and write object storage and the finished shards are copied
+    into ``out_dir`` afterwards.
     """
     grid, manifest, shards = read_export(config, export_dir)
     kw, kh = manifest.kernel_size
     shape = (grid.patch_height + kh, grid.patch_width + kw)
-    model_path = config.locate(config.model.path)
+    model_path = remote.model if remote else config.locate(config.model.path)
     margin = (kw // 2, kh // 2)
     if probe:
         probe_model(config.model, model_path, shape, margin)
@@ -101,7 +127,9 @@ def run_predict(
     flags = pipeline_flags(config, beam_args)
     options = PipelineOptions(flags)
     pipeline = beam.Pipeline(options=options)
-    records = pipeline | "Shards" >> beam.Create([(i, str(shards[i])) for i in todo])
+    sources = [f"{remote.export}/{p.name}" for p in shards] if remote else [str(p) for p in shards]
+    target = remote.work if remote else str(out_dir)
+    records = pipeline | "Shards" >> beam.Create([(i, sources[i]) for i in todo])
     records = records | "ReadKeyedRecords" >> beam.ParDo(ReadKeyedRecords())
     reshuffle = config.predict.should_reshuffle(flags)
     if reshuffle:
@@ -129,11 +157,11 @@ def run_predict(
         _ = (
             predictions
             | "GroupByShard" >> beam.GroupByKey()
-            | "WriteShard" >> beam.ParDo(WriteShard(str(out_dir), names, level))
+            | "WriteShard" >> beam.ParDo(WriteShard(target, names, level))
         )
     else:  # each shard stays in one bundle, in order: stream it out, memory stays flat
         _ = predictions | "StreamShardsInOrder" >> beam.ParDo(
-            StreamShardsInOrder(str(out_dir), names, level, expected)
+            StreamShardsInOrder(target, names, level, expected)
         )
     read = written = 0
     if todo:
@@ -142,6 +170,11 @@ def run_predict(
         counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
         totals = {c.key.metric.name: c.committed or c.attempted for c in counters}
         read, written = totals.get("records_read", 0), totals.get("records_written", 0)
+        if remote is not None:
+            from terrabeam.storage import copy_file
+
+            for i in todo:
+                copy_file(f"{remote.work}/{names[i]}", str(out_dir / names[i]))
     kept = sum(expected[i] for i in finished) if expected else 0
     if read + kept != grid.total_patches or written + kept != grid.total_patches:
         raise RecordCountError(

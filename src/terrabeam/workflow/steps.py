@@ -24,9 +24,10 @@ from typing import Any
 import rasterio
 
 from terrabeam.config import PipelineConfig
+from terrabeam.errors import ConfigError
 from terrabeam.layout import ExportManifest, manifest_path
 from terrabeam.predict.models import probe_model
-from terrabeam.predict.pipeline import run_predict
+from terrabeam.predict.pipeline import RemoteIO, run_predict
 from terrabeam.progress import Progress
 from terrabeam.sinks.geotiff import deliver_geotiff
 from terrabeam.sources.raster import export_rasters
@@ -91,8 +92,9 @@ def predict_step(
     export_dir = workspace.require_step("export")
     work = workspace.work_dir("predict")  # kept if interrupted: finished shards are not redone
     _match_work_to(work, export_dir, config)
+    remote = remote_io(config, workspace)
     with _shard_progress(config, export_dir, work):
-        result = run_predict(config, export_dir, work, beam_args, probe=probe)
+        result = run_predict(config, export_dir, work, beam_args, probe=probe, remote=remote)
     workspace.publish(work, "predict")
     seconds = time.perf_counter() - start
     grid = result.grid
@@ -108,6 +110,38 @@ def predict_step(
             "patches_per_second": round(result.records / seconds, 3),
             "mpx_per_second": round(pixels / seconds / 1e6, 4),
         },
+    )
+
+
+def remote_io(config: PipelineConfig, workspace: Workspace) -> RemoteIO | None:
+    """With a remote workspace and a runner whose workers are elsewhere (dataflow, portable), the
+    workers read the export and the model from the workspace URI and write shards there. A local
+    model file is copied into ``<workspace>/<run>/model/`` first."""
+    if config.runner.kind == "dataflow" and workspace.remote is None:
+        raise ConfigError(
+            "runner kind 'dataflow': Dataflow workers cannot read this machine's files; set "
+            "'workspace:' (or --workspace) to a gs:// folder"
+        )
+    if workspace.remote is None or config.runner.kind == "local":
+        return None
+    from terrabeam import storage
+
+    model = config.locate(config.model.path)
+    if not storage.is_remote(model):
+        local = Path(model)
+        if not local.is_file():
+            raise ConfigError(
+                f"model.path: {local} is a folder or missing; remote workers need one model file "
+                "(.onnx, .keras, .pt2, …) or a gs:// / s3:// URI"
+            )
+        uri = f"{workspace.remote}/{workspace.run_id}/model/{local.name}"
+        if dict(storage.list_files(uri)).get(uri) != local.stat().st_size:
+            storage.copy_file(str(local), uri)
+        model = uri
+    return RemoteIO(
+        export=workspace.remote_step("export"),
+        work=f"{workspace.remote}/{workspace.run_id}/.predict.work",
+        model=model,
     )
 
 
