@@ -295,7 +295,8 @@ def _workers_section(args: argparse.Namespace, work: Path, command: str) -> str:
             f"| {setting.label} | {setting.runner} | {best[setting]:.2f} | {rounds} "
             f"| {_mpx(pixels, best[setting]):.2f} | {default / best[setting]:.2f} |"
         )
-    lines.append("")
+    one, two = (min(t for setting, t in best.items() if setting.workers == n) for n in (1, 2))
+    lines += ["", f"Speed-up of 2 worker processes over 1 (best setting of each): {one / two:.2f}.", ""]
     return "\n".join(lines)
 
 
