@@ -4,7 +4,9 @@
    `terrabeam predict`, for the real U-Net and a light per-pixel model, on the 16× scene;
 2. `terrabeam run` against a naive rasterio → model → rasterio loop on the same scene;
 3. scaling: `terrabeam run` on 1×, 4× and 16× the real scene's area (time per Mpx, peak memory);
-4. where the time goes: per-step and per-stage seconds of one profiled run.
+4. where the time goes: per-step and per-stage seconds of one profiled run;
+5. local worker processes: predict with 1 and 2 worker processes (× ONNX Runtime threads), the
+   speed-up (alone: ``python -m benchmarks --only workers --write BENCHMARKS.md``).
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from benchmarks.memory import run_measured
 from benchmarks.naive import naive_run
 from benchmarks.scenes import LANDCOVER_CONFIG, keras_pixel_model, pixel_model, scene_config, tiled_scene
 from benchmarks.stages import profile_run
+from benchmarks.workers import load_average, time_workers, worker_settings
 from terrabeam.config import load_config
 from terrabeam.predict.pipeline import run_predict
 
 MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
+WORKERS_START, WORKERS_END = "<!-- workers:start -->", "<!-- workers:end -->"
 
 
 def _mpx(pixels: int, seconds: float) -> float:
@@ -52,8 +56,25 @@ def main(argv: list[str] | None = None) -> int:
         "--bounds-scale", type=int, default=64, help="scene area for sections 1 and 2 (also run for scaling)"
     )
     parser.add_argument("--profile-scale", type=int, default=16, help="scene area of the profiled run")
+    parser.add_argument(
+        "--workers-scale", type=int, default=16, help="scene area of section 5 (local worker processes)"
+    )
+    parser.add_argument(
+        "--workers-repeats", type=int, default=2, help="rounds of section 5; best is reported"
+    )
+    parser.add_argument(
+        "--only", choices=["workers"], help="run one section; --write replaces only its block in the file"
+    )
     parser.add_argument("--write", type=Path, help="put the results into this Markdown file")
     args = parser.parse_args(argv)
+    command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
+    if args.only == "workers":
+        with tempfile.TemporaryDirectory(prefix="terrabeam-bench-") as tmp:
+            text = _workers_section(args, Path(tmp), command)
+        print(text)
+        if args.write:
+            _write_block(args.write, WORKERS_START, WORKERS_END, text)
+        return 0
     largest = args.bounds_scale
     scales = sorted({*args.scales, largest})
     terrabeam = [sys.executable, "-m", "terrabeam"]
@@ -148,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         profiled = args.profile_scale if args.profile_scale in configs else largest
         steps, stages = profile_run(configs[profiled], work / "ws-profile")
 
+        # 5. local worker processes
+        workers_text = _workers_section(args, work, command)
+
     # ---- report ------------------------------------------------------------------------------
     say(f"### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     say("")
@@ -230,14 +254,60 @@ def main(argv: list[str] | None = None) -> int:
     say("")
     text = "\n".join(lines)
     print(text)
+    print(workers_text)
     if args.write:
-        document = (
-            args.write.read_text() if args.write.exists() else f"# Benchmarks\n\n{MARK_START}\n{MARK_END}\n"
-        )
-        head, _, rest = document.partition(MARK_START)
-        _, _, tail = rest.partition(MARK_END)
-        args.write.write_text(f"{head}{MARK_START}\n{text}\n{MARK_END}{tail}")
+        _write_block(args.write, MARK_START, MARK_END, text)
+        _write_block(args.write, WORKERS_START, WORKERS_END, workers_text)
     return 0
+
+
+def _workers_section(args: argparse.Namespace, work: Path, command: str) -> str:
+    """Section 5 on the export of the ``--workers-scale`` scene (made here unless a run left one)."""
+    scale = args.workers_scale
+    config = work / f"unet-x{scale}.yaml"
+    export_dir = work / "ws" / f"x{scale}" / "export"
+    if not export_dir.exists():
+        scene_config(config, tiled_scene(work / f"scene-x{scale}", scale), work / "ws")
+        run_measured([sys.executable, "-m", "terrabeam", "export", str(config), "--run", f"x{scale}"])
+    cores = os.cpu_count() or 1
+    settings = worker_settings(cores)
+    load_before = load_average()
+    seconds, patches, pixels = time_workers(config, export_dir, work, settings, args.workers_repeats)
+    load_after = load_average()
+    best = {setting: min(times) for setting, times in seconds.items()}
+    default = best[settings[0]]
+    lines = [
+        f"### 5. Local worker processes ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"`{command}` on {cores} cores, {platform.machine()}, Python {platform.python_version()}, "
+        f"onnxruntime {ort.__version__}, apache-beam {beam_version}. U-Net on the {scale}× scene "
+        f"({patches} patches, {pixels / 1e6:.2f} Mpx of patch cores); the whole predict step in "
+        f"process (probe, pipeline, worker start-up), best of {args.workers_repeats} rounds, settings "
+        f"taking turns; 1-minute load average {load_before} before, {load_after} after.",
+        "",
+        "| workers × ONNX threads each | runner | predict s (best) | every round s | Mpx/s "
+        f"| speed-up vs {settings[0].label} |",
+        "|---|---|---:|---|---:|---:|",
+    ]
+    for setting in settings:
+        rounds = ", ".join(f"{t:.2f}" for t in seconds[setting])
+        lines.append(
+            f"| {setting.label} | {setting.runner} | {best[setting]:.2f} | {rounds} "
+            f"| {_mpx(pixels, best[setting]):.2f} | {default / best[setting]:.2f} |"
+        )
+    one, two = (min(t for setting, t in best.items() if setting.workers == n) for n in (1, 2))
+    lines += ["", f"Speed-up of 2 worker processes over 1 (best setting of each): {one / two:.2f}.", ""]
+    return "\n".join(lines)
+
+
+def _write_block(path: Path, start: str, end: str, text: str) -> None:
+    """Replace the text between the ``start`` and ``end`` markers of ``path`` (appended if absent)."""
+    document = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start not in document:
+        document = f"{document.rstrip()}\n\n{start}\n{end}\n"
+    head, _, rest = document.partition(start)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
 if __name__ == "__main__":
