@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 
 import boto3
 import numpy as np
@@ -107,3 +109,49 @@ def test_a_step_downloads_its_input_from_the_remote_workspace(tmp_path, tiny_pip
     s3.delete_object(Bucket=BUCKET, Key=f"ws/r1/predict/{COMPLETE}")
     shutil.rmtree(mirror)
     assert main(["deliver", str(config), "--run", "r1"]) == 1
+
+
+def test_portable_workers_read_shards_and_model_from_the_s3_workspace(tmp_path, tiny_pipeline, s3):
+    """A run on the PortableRunner (Beam's job service + external worker pool, processes of their own)
+    with the workspace on s3://: the workers fetch the export shards and the model (copied into
+    <run>/model/) from the bucket and write prediction shards there; the result equals a local run."""
+    from test_portable_runner import _traced_env, _traced_opens, beam_service
+
+    document, write = tiny_pipeline
+    assert main(["run", str(write()), "--run", "local"]) == 0
+    local = tmp_path / "ws" / "local" / "predict"
+    env = _traced_env(tmp_path) | {"TRACE_ROOT": str(tmp_path / "cache")}
+    with (
+        beam_service("job-service", tmp_path, env) as (_, job_port),
+        beam_service("worker-pool", tmp_path, env) as (worker_pool, pool_port),
+    ):
+        remote = document | {
+            "workspace": f"s3://{BUCKET}/ws",
+            "runner": {
+                "kind": "portable",
+                "job_endpoint": f"127.0.0.1:{job_port}",
+                "environment_type": "EXTERNAL",
+                "environment_config": f"127.0.0.1:{pool_port}",
+            },
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "terrabeam", "run", str(write(remote, "remote.yaml")), "--run", "r1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="ws/r1/")["Contents"]}
+    assert "ws/r1/model/model.onnx" in keys
+    for shard in sorted(local.glob("predictions-*.tfrecord.gz")):
+        assert f"ws/r1/.predict.work/{shard.name}" in keys  # written there by the workers
+        body = s3.get_object(Bucket=BUCKET, Key=f"ws/r1/predict/{shard.name}")["Body"].read()
+        assert body == shard.read_bytes()
+    # The pool's workers fetched the model from the bucket (writing their local copy; ONNX Runtime
+    # then reads it natively) and read their own copies of every export shard.
+    by_workers = [o for o in _traced_opens(tmp_path) if o.parent == worker_pool]
+    assert any(o.path.name == ".model.onnx.partial" and "w" in o.mode for o in by_workers)
+    read = {o.path.name for o in by_workers if "r" in o.mode}
+    assert {p.name for p in (tmp_path / "ws" / "local" / "export").glob("tiny-*.tfrecord.gz")} <= read
