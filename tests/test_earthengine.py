@@ -206,6 +206,7 @@ def test_earth_engine_run_end_to_end_at_the_http_boundary(tmp_path, services, gc
     records = [decode_example(r) for s in shards for r in read_records(s)]
     assert len(records) == len(playback.exported) == 12
     assert all(r["class"].size == W * H and r["prob_water"].size == W * H for r in records)
+    assert all(r["class"].dtype == np.int64 and r["prob_land"].dtype == np.float32 for r in records)
 
     # The ingestion: every prediction shard, in order, then the mixer; times, properties, pyramiding.
     (collection,) = playback.calls("POST", f"/v1/projects/{PROJECT}/assets")
@@ -374,3 +375,72 @@ def test_earthengine_config_needs_its_section_and_a_grid(tmp_path):
     bad_staging = document | {"earthengine": document["earthengine"] | {"staging": "/tmp/x"}}
     with pytest.raises(ConfigError, match="earthengine.staging"):
         parse_config(bad_staging, EXAMPLES)
+
+
+@pytest.mark.parametrize(
+    ("source", "expected", "absent"),
+    [
+        (
+            {"collection": "COPERNICUS/S2_SR_HARMONIZED", "cloud_mask": "s2_scl", "reducer": "mean"},
+            [
+                '"COPERNICUS/S2_SR_HARMONIZED"',
+                '"Image.remap"',
+                '"SCL"',
+                "[0, 1, 3, 8, 9, 10]",
+                '"reduce.mean"',
+            ],
+            ['"QA_PIXEL"'],
+        ),
+        (
+            {"collection": "COPERNICUS/S2_HARMONIZED", "cloud_mask": "s2_qa60", "reducer": "mosaic"},
+            ['"QA60"', "3072", '"ImageCollection.mosaic"'],
+            ['"SCL"'],
+        ),
+        (
+            {"image": "LANDSAT/LC09/C02/T1_L2/LC09_193023_20240610"},
+            ['"Image.load"', '"LANDSAT/LC09/C02/T1_L2/LC09_193023_20240610"'],
+            ['"ImageCollection.load"', '"Image.bitwiseAnd"'],
+        ),
+    ],
+)
+def test_composite_for_each_collection_family(tmp_path, services, source, expected, absent):
+    """The ee.Image terrabeam builds, serialized by the real client as it would be sent."""
+    import ee
+
+    from terrabeam.earthengine import connect
+    from terrabeam.sources.earthengine import build_image
+
+    document = yaml.safe_load(_config(tmp_path, services).read_text())
+    document["source"] = {
+        k: v for k, v in document["source"].items() if k not in ("collection", "cloud_mask")
+    } | source
+    config = parse_config(document, tmp_path)
+    connect(config.earthengine)
+    image = build_image(ee, config, date(2024, 1, 1), date(2025, 1, 1))
+    sent = json.dumps(ee.serializer.encode(image, for_cloud_api=True))
+    for text in expected:
+        assert text in sent, text
+    for text in absent:
+        assert text not in sent, text
+    assert '"Image.multiply"' in sent and '"Image.add"' in sent  # scale factors and offsets
+
+
+def test_cancelled_export_fails_the_step_and_says_so(tmp_path, services, capsys):
+    services.export_script = ["RUNNING", "CANCELLED"]
+    assert main(["run", str(_config(tmp_path, services)), "--run", "r1", "--window", WINDOW]) == 1
+    assert "export task projects/playback-project/operations/EXPORT_IMAGE_0001 was cancelled" in (
+        capsys.readouterr().err
+    )
+
+
+def test_service_account_from_config_is_impersonated_keylessly(tmp_path, services):
+    from google.auth import impersonated_credentials
+
+    from terrabeam.config import EarthEngineConfig
+    from terrabeam.earthengine import find_credentials
+
+    sa = "runner@playback-project.iam.gserviceaccount.com"
+    config = EarthEngineConfig(project=PROJECT, staging=f"gs://{BUCKET}/x", service_account=sa)
+    credentials = find_credentials(config)
+    assert isinstance(credentials, impersonated_credentials.Credentials)
+    assert credentials.service_account_email == sa
