@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.filesystems import FileSystems as _BeamFileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from terrabeam.errors import InputError, TransientError
 
@@ -28,6 +29,20 @@ def cache_dir() -> Path:
 
 
 RAW = CompressionTypes.UNCOMPRESSED
+
+
+class _FileSystems:
+    """Beam's FileSystems, given default options first: outside a pipeline Beam has none, and its S3
+    file system refuses to start without them (credentials and endpoint then come from boto3's
+    environment, e.g. AWS_ENDPOINT_URL)."""
+
+    def __getattr__(self, name: str):
+        if _BeamFileSystems._pipeline_options is None:
+            _BeamFileSystems.set_options(PipelineOptions([]))
+        return getattr(_BeamFileSystems, name)
+
+
+FileSystems = _FileSystems()
 
 
 def is_remote(location: str | Path) -> bool:
