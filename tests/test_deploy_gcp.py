@@ -237,7 +237,7 @@ def test_baked_config_loads_and_differs_only_in_workspace_and_model_path(rendere
     baked = load_config(rendered / "pipeline" / "pipeline.yaml")
     assert baked.resolve(baked.model.path) == rendered / "pipeline" / "model" / "model.onnx"
     assert baked.resolve(baked.model.path).read_bytes() == original.resolve(original.model.path).read_bytes()
-    assert baked.workspace == "/mnt/gcs/terrabeam/tiny"
+    assert baked.workspace == "gs://acme-runs/terrabeam/tiny"  # the images reach the bucket directly
     strip = {"workspace": True, "model": {"path"}}
     assert baked.model_dump(exclude=strip) == original.model_dump(exclude=strip)
     assert (rendered / "terrabeam" / "src" / "terrabeam" / "deploy" / "flex_main.py").exists()
@@ -343,8 +343,13 @@ def test_steps_image_listens_on_port_on_all_interfaces(rendered):
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1))
     assert cmd[:3] == ["python", "-m", "terrabeam.deploy.step_server"]
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0" and "--port" not in cmd  # Cloud Run's $PORT
-    assert "TERRABEAM_WORKSPACE=/mnt/gcs/terrabeam/tiny" in dockerfile
-    assert "mount-path=/mnt/gcs" in (rendered / "deploy.sh").read_text()
+    # No Cloud Storage FUSE volume: the server reads the baked config's gs:// workspace.
+    assert "TERRABEAM_WORKSPACE" not in dockerfile and "/mnt/" not in dockerfile
+    deploy = (rendered / "deploy.sh").read_text()
+    assert "--add-volume" not in deploy and "type=cloud-storage" not in deploy and "/mnt/" not in deploy
+    baked = yaml.safe_load((rendered / "pipeline" / "pipeline.yaml").read_text())
+    assert baked["workspace"] == "gs://acme-runs/terrabeam/tiny"
+    assert "COPY pipeline/pipeline.yaml /app/pipeline/pipeline.yaml" in dockerfile
 
 
 # --- deploy.sh, scheduler, service account -------------------------------------------------------
