@@ -1,6 +1,7 @@
 """`terrabeam deploy gcp`: the rendered files parse, agree with each other and carry the config's
 values; deploy.sh passes bash -n and shellcheck; the entry points the images run (the Flex Template
-launcher and the step server) work on a small synthetic pipeline, locally on FnApiRunner.
+launcher and the step server) work on a small synthetic pipeline, locally on FnApiRunner, with the
+workspace a local folder or an s3:// bucket on a moto server on 127.0.0.1 (standing in for gs://).
 
 Nothing here talks to Google Cloud: the rendered deployment is not verified against the live service.
 """
@@ -18,16 +19,21 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
+from test_object_storage import BUCKET as S3_BUCKET
+from test_object_storage import s3  # noqa: F401 - the moto S3 server fixture, used by name
 
 from terrabeam.config import load_config
 from terrabeam.deploy import flex_main, gcp_target, step_server
 from terrabeam.deploy.gcp import render_gcp
 from terrabeam.deploy.gcp_iam import grants
 from terrabeam.errors import ConfigError, DeployError
+from terrabeam.workspace import COMPLETE
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = str(Path(flex_main.__file__).resolve().parents[2])
@@ -212,7 +218,8 @@ def test_flex_metadata_declares_exactly_what_the_launcher_reads(rendered):
             re.compile(regex)
     workspace, run = declared["workspace"]["regexes"][0], declared["run"]["regexes"][0]
     assert re.match(workspace, "gs://acme-runs/terrabeam/tiny") and re.match(workspace, "/data/ws")
-    assert not re.match(workspace, "relative/path") and not re.match(workspace, "s3://bucket/x")
+    assert re.match(workspace, "s3://bucket/x")  # terrabeam's other object store, e.g. for tests
+    assert not re.match(workspace, "relative/path") and not re.match(workspace, "gs://")
     assert re.match(run, "20240101T060000Z") and re.match(run, "0b6f3c1e-8d7a-4f1b-9c55-1a2b3c4d5e6f")
     assert not re.match(run, "../escape") and not re.match(run, "a/b")
 
@@ -237,7 +244,7 @@ def test_baked_config_loads_and_differs_only_in_workspace_and_model_path(rendere
     baked = load_config(rendered / "pipeline" / "pipeline.yaml")
     assert baked.resolve(baked.model.path) == rendered / "pipeline" / "model" / "model.onnx"
     assert baked.resolve(baked.model.path).read_bytes() == original.resolve(original.model.path).read_bytes()
-    assert baked.workspace == "/mnt/gcs/terrabeam/tiny"
+    assert baked.workspace == "gs://acme-runs/terrabeam/tiny"  # the images reach the bucket directly
     strip = {"workspace": True, "model": {"path"}}
     assert baked.model_dump(exclude=strip) == original.model_dump(exclude=strip)
     assert (rendered / "terrabeam" / "src" / "terrabeam" / "deploy" / "flex_main.py").exists()
@@ -266,9 +273,9 @@ def test_rendered_launcher_predicts_a_local_run_on_fnapirunner(rendered, tiny_pi
 def test_launcher_errors_are_one_line(tiny_pipeline, tmp_path, capsys):
     document, write = tiny_pipeline
     config = str(write())
-    assert flex_main.main(["--workspace", "gs://acme-runs/x", "--run", "r1", "--config", config]) == 1
+    assert flex_main.main(["--workspace", "relative/ws", "--run", "r1", "--config", config]) == 1
     error = capsys.readouterr().err.strip()
-    assert error.count("\n") == 0 and "gs://acme-runs/x" in error and "not supported yet" in error
+    assert error.count("\n") == 0 and "--workspace 'relative/ws'" in error
     assert flex_main.main(["--workspace", str(tmp_path / "ws"), "--run", "nothing", "--config", config]) == 1
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "export" in error and "nothing" in error
@@ -281,17 +288,25 @@ def test_launcher_errors_are_one_line(tiny_pipeline, tmp_path, capsys):
 # --- the step server (Cloud Run) ------------------------------------------------------------------
 
 
-@pytest.fixture
-def server(tiny_pipeline, tmp_path):
-    document, write = tiny_pipeline
-    service = step_server.StepService(load_config(write()), tmp_path / "ws")
+@contextmanager
+def serving(service: step_server.StepService) -> Iterator[str]:
+    """The service on a free port of 127.0.0.1; yields its URL."""
     httpd = step_server.serve(service, "127.0.0.1", 0)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", tmp_path / "ws"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def server(tiny_pipeline, tmp_path):
+    document, write = tiny_pipeline
+    with serving(step_server.StepService(load_config(write()), tmp_path / "ws")) as url:
+        yield url, tmp_path / "ws"
 
 
 def _call(url: str, body: dict | None = None) -> tuple[int, dict]:
@@ -309,6 +324,7 @@ def test_step_server_runs_export_and_deliver_over_http(server, tiny_pipeline, tm
     code, report = _call(f"{url}/steps/export", {"run": "r1"})
     assert code == 200 and report["status"] == "done" and report["details"]["patches"] > 0
     assert (ws / "r1" / "export" / "tiny-mixer.json").exists()
+    assert json.loads((ws / "r1" / ".status" / "export.json").read_text()) == report
     assert _call(f"{url}/steps/export?run=r1") == (200, report)  # a poll reads the recorded status
     assert _call(f"{url}/steps/export", {"run": "r1"}) == (200, report)  # a retry does not redo it
     code, failed = _call(f"{url}/steps/deliver", {"run": "r1"})
@@ -343,8 +359,101 @@ def test_steps_image_listens_on_port_on_all_interfaces(rendered):
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1))
     assert cmd[:3] == ["python", "-m", "terrabeam.deploy.step_server"]
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0" and "--port" not in cmd  # Cloud Run's $PORT
-    assert "TERRABEAM_WORKSPACE=/mnt/gcs/terrabeam/tiny" in dockerfile
-    assert "mount-path=/mnt/gcs" in (rendered / "deploy.sh").read_text()
+    # No Cloud Storage FUSE volume: the server reads the baked config's gs:// workspace.
+    assert "TERRABEAM_WORKSPACE" not in dockerfile and "/mnt/" not in dockerfile
+    deploy = (rendered / "deploy.sh").read_text()
+    assert "--add-volume" not in deploy and "type=cloud-storage" not in deploy and "/mnt/" not in deploy
+    baked = yaml.safe_load((rendered / "pipeline" / "pipeline.yaml").read_text())
+    assert baked["workspace"] == "gs://acme-runs/terrabeam/tiny"
+    assert "COPY pipeline/pipeline.yaml /app/pipeline/pipeline.yaml" in dockerfile
+
+
+def test_step_server_main_serves_the_workspace_uri(tiny_pipeline, tmp_path, monkeypatch):
+    """--workspace, $TERRABEAM_WORKSPACE or the config's workspace: a URI is mirrored under the cache."""
+    document, write = tiny_pipeline
+    config = str(write(document | {"workspace": "relative-ws"}))
+    served = []
+
+    class Stopped:
+        server_address = ("127.0.0.1", 8080)
+
+        def serve_forever(self) -> None:
+            raise KeyboardInterrupt
+
+        def server_close(self) -> None:
+            pass
+
+    monkeypatch.setattr(step_server, "serve", lambda app, host, port: served.append(app) or Stopped())
+    monkeypatch.setenv("TERRABEAM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TERRABEAM_WORKSPACE", raising=False)
+    assert step_server.main(["--config", config]) == 0
+    assert (served[-1].root, served[-1].remote) == (tmp_path / "relative-ws", None)
+    monkeypatch.setenv("TERRABEAM_WORKSPACE", "gs://acme-runs/terrabeam/tiny/")
+    assert step_server.main(["--config", config]) == 0
+    assert served[-1].remote == "gs://acme-runs/terrabeam/tiny"
+    assert served[-1].root == tmp_path / "cache" / "workspaces" / "gs" / "acme-runs" / "terrabeam" / "tiny"
+
+
+def _marked_files(client, prefix: str) -> dict[str, int]:
+    """The files a step's _COMPLETE.json lists, after checking each is in the bucket at that size."""
+    found = client.list_objects_v2(Bucket=S3_BUCKET, Prefix=prefix)["Contents"]
+    objects = {o["Key"]: o["Size"] for o in found}
+    marker = client.get_object(Bucket=S3_BUCKET, Key=f"{prefix}/{COMPLETE}")["Body"].read()
+    listing = json.loads(marker)["files"]
+    assert listing, prefix
+    for name, size in listing.items():
+        assert objects[f"{prefix}/{name}"] == size, name
+    return listing
+
+
+def test_cloud_chain_meets_only_in_an_object_store_workspace(tiny_pipeline, tmp_path, s3):  # noqa: F811
+    """export (step server over HTTP) → predict (the Flex launcher, its own process and mirror) →
+    deliver (a second step server, empty mirror), the workspace on s3:// (moto on 127.0.0.1): as Cloud
+    Run instances and the Dataflow launcher do, the steps share nothing but the bucket."""
+    document, write = tiny_pipeline
+    workspace = f"s3://{S3_BUCKET}/ws"
+    config_path = write(document | {"workspace": workspace})
+    config = load_config(config_path)
+
+    with serving(step_server.StepService(config, tmp_path / "instance-1", workspace)) as url:
+        code, exported = _call(f"{url}/steps/export", {"run": "r1"})
+    assert code == 200 and exported["status"] == "done", exported
+    assert "tiny-mixer.json" in _marked_files(s3, "ws/r1/export")
+    status = s3.get_object(Bucket=S3_BUCKET, Key="ws/r1/.status/export.json")["Body"].read()
+    assert json.loads(status) == exported
+
+    launcher_cache = tmp_path / "launcher-cache"
+    result = subprocess.run(
+        [sys.executable, "-m", "terrabeam.deploy.flex_main", "--workspace", workspace, "--run", "r1"]
+        + ["--config", str(config_path), "--runner=FnApiRunner"],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONPATH": SRC, "PATH": ENV["PATH"], "TERRABEAM_CACHE": str(launcher_cache)},
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["location"] == f"{workspace}/r1/predict" and report["patches"] > 0
+    mirror = launcher_cache / "workspaces" / "s3" / S3_BUCKET / "ws" / "r1"
+    assert (mirror / "export" / "tiny-mixer.json").exists()  # downloaded from the bucket
+    assert "predictions-mixer.json" in _marked_files(s3, "ws/r1/predict")
+
+    second = tmp_path / "instance-2"  # another Cloud Run instance: nothing local
+    with serving(step_server.StepService(config, second, workspace)) as url:
+        assert _call(f"{url}/steps/export?run=r1") == (200, exported)  # the first instance's status
+        assert _call(f"{url}/steps/export", {"run": "r1"}) == (200, exported)  # done in the bucket
+        assert not (second / "r1" / "export").exists()  # not redone
+        code, delivered = _call(f"{url}/steps/deliver", {"run": "r1"})
+    assert code == 200 and delivered["status"] == "done", delivered
+    assert f"{workspace}/r1/deliver/tiny-classes.tif" in delivered["details"]["outputs"]
+    listing = _marked_files(s3, "ws/r1/deliver")
+    assert {f"{workspace}/r1/deliver/{name}" for name in listing} >= set(delivered["details"]["outputs"])
+
+    # "done" holds only while the step's _COMPLETE.json is in the bucket.
+    s3.delete_object(Bucket=S3_BUCKET, Key=f"ws/r1/deliver/{COMPLETE}")
+    code, missing = step_server.StepService(config, tmp_path / "instance-3", workspace).status(
+        "deliver", "r1"
+    )
+    assert code == 404 and missing["status"] == "missing" and COMPLETE in missing["error"]
 
 
 # --- deploy.sh, scheduler, service account -------------------------------------------------------

@@ -1,10 +1,11 @@
 """The Dataflow Flex Template launcher's entry point: run the predict step of one run.
 
-    python -m terrabeam.deploy.flex_main --workspace ROOT --run ID [--config FILE] [beam options…]
+    python -m terrabeam.deploy.flex_main --workspace gs://BUCKET/ROOT --run ID [--config FILE] [beam options…]
 
 The parameters are the ones metadata.json declares (PARAMETERS); every other option (the ones the
 Dataflow launcher adds: --runner, --project, --region, --temp_location, …) goes to Beam after the
-config's runner flags, so it wins. Works with local paths on any runner, e.g. FnApiRunner.
+config's runner flags, so it wins. The workspace is a gs:// (or s3://) URI, mirrored locally as
+every command does (terrabeam.workspace), or a local folder; any runner works, e.g. FnApiRunner.
 """
 
 from __future__ import annotations
@@ -16,24 +17,23 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from terrabeam.config import load_config
 from terrabeam.errors import WorkspaceError
 from terrabeam.workflow import steps
-from terrabeam.workspace import Workspace
+from terrabeam.workspace import Workspace, resolve_root
 
 # The image bakes the pipeline config in here (see the rendered predict.Dockerfile).
 CONFIG_ENV = "TERRABEAM_CONFIG"
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
-WORKSPACE_PATTERN = r"^(gs://[a-z0-9][a-z0-9._-]+[a-z0-9](/.*)?|/.+)$"
+WORKSPACE_PATTERN = r"^((gs|s3)://[a-z0-9][a-z0-9._-]+[a-z0-9](/.*)?|/.+)$"
 
 # name → (label, help text, optional, regex); metadata.json is rendered from this, and the parser below
 # reads exactly these, so the two cannot drift apart.
 PARAMETERS: dict[str, tuple[str, str, bool, str | None]] = {
     "workspace": (
         "Workspace root",
-        "Folder holding the runs: <workspace>/<run>/export is read, <run>/predict is written.",
+        "gs:// folder holding the runs: <workspace>/<run>/export is read, <run>/predict is written.",
         False,
         WORKSPACE_PATTERN,
     ),
@@ -66,14 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_path = args.config or os.environ.get(CONFIG_ENV)
         if not config_path:
             raise WorkspaceError(f"no pipeline config: give --config or set ${CONFIG_ENV}")
-        if args.workspace.startswith("gs://"):
-            # The steps read and write local paths only so far; a gs:// workspace is a separate issue.
-            raise WorkspaceError(
-                f"workspace {args.workspace}: terrabeam's predict step reads and writes local paths only "
-                "so far; gs:// workspaces are not supported yet"
-            )
         config = load_config(config_path)
-        workspace = Workspace(Path(args.workspace).resolve(), args.run)
+        root, remote = resolve_root(args.workspace)
+        workspace = Workspace(root, args.run, remote)
         workspace.ensure_writable()
         report = steps.predict_step(config, workspace, beam_args)
     except Exception as exc:  # the launcher's log shows this one line as the job's error
@@ -81,7 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(
         json.dumps(
-            {"run": args.run, "step": report.name, "seconds": round(report.seconds, 3)} | report.details
+            {"run": args.run, "step": report.name, "seconds": round(report.seconds, 3)}
+            | {"location": workspace.step_location("predict")}
+            | report.details
         )
     )
     return 0

@@ -33,7 +33,7 @@ import terrabeam
 from terrabeam.config import PipelineConfig
 from terrabeam.deploy import flex_main
 from terrabeam.deploy.gcp_iam import apis, describe, grants
-from terrabeam.deploy.gcp_target import MOUNT_PATH, TIME_ZONE, GcpTarget
+from terrabeam.deploy.gcp_target import TIME_ZONE, GcpTarget
 from terrabeam.deploy.gcp_workflow import render_workflow
 from terrabeam.errors import DeployError
 
@@ -129,10 +129,10 @@ def _copy_model(config: PipelineConfig, destination: Path) -> str:
 
 
 def render_pipeline_config(config: PipelineConfig, target: GcpTarget, model_path: str) -> str:
-    """The config as the images read it: the model beside it, the workspace where Cloud Run mounts it,
-    a GeoJSON region file inlined. Every other setting is the validated config, in full."""
+    """The config as the images read it: the model beside it, the workspace the gs:// URI of
+    deploy.gcp.workspace, a GeoJSON region file inlined. Every other setting is the validated config."""
     document = config.model_dump(mode="json")
-    document["workspace"] = target.workspace_mounted
+    document["workspace"] = target.workspace
     document["model"]["path"] = model_path
     region = config.grid.region.geojson
     if isinstance(region, str):
@@ -177,14 +177,14 @@ def render_steps_dockerfile(target: GcpTarget) -> str:
     return f"""\
 # Cloud Run image of pipeline {target.name!r}: the export and deliver steps over HTTP
 # (rendered by `terrabeam deploy gcp`; built by cloudbuild.yaml). Cloud Run sets $PORT; the server
-# listens on it, on all interfaces. The workspace bucket is mounted at {MOUNT_PATH} (deploy.sh).
+# listens on it, on all interfaces. The workspace is the config's gs:// URI, reached through the
+# Cloud Storage API; a local mirror of what a step reads and writes lives under $TERRABEAM_CACHE.
 FROM python:{PYTHON_VERSION}-slim
 WORKDIR /app
 COPY terrabeam /app/terrabeam
 {_pip_install("/app/terrabeam", target.steps_extras)}
 COPY pipeline/pipeline.yaml /app/pipeline/pipeline.yaml
-ENV PYTHONUNBUFFERED=1 \\
-    TERRABEAM_WORKSPACE={target.workspace_mounted}
+ENV PYTHONUNBUFFERED=1
 CMD ["python", "-m", "terrabeam.deploy.step_server", "--config", "/app/pipeline/pipeline.yaml", "--host", "0.0.0.0"]
 """
 
@@ -340,7 +340,6 @@ fi"""
         "TEMPLATE": target.template_path,
         "SERVICE": target.service,
         "WORKFLOW": target.workflow,
-        "WORKSPACE_BUCKET": target.workspace_bucket,
     }
     if target.cron:
         variables |= {"SCHEDULER_JOB": target.scheduler_job, "CRON": target.cron, "TIME_ZONE": TIME_ZONE}
@@ -397,9 +396,7 @@ step "Cloud Run service $SERVICE (export and deliver)"
 gcloud run deploy "$SERVICE" --image="$STEPS_IMAGE" --region="$REGION" --project="$PROJECT" \\
   --service-account="$SERVICE_ACCOUNT" --no-allow-unauthenticated --execution-environment=gen2 \\
   --memory={q(target.memory)} --cpu={target.cpu} --concurrency=4 --timeout={REQUEST_TIMEOUT_SECONDS} \\
-  --min-instances=0 --max-instances=4 \\
-  --add-volume=name=workspace,type=cloud-storage,bucket="$WORKSPACE_BUCKET" \\
-  --add-volume-mount=volume=workspace,mount-path={MOUNT_PATH}
+  --min-instances=0 --max-instances=4
 {grants_service}
 STEPS_URL="$(gcloud run services describe "$SERVICE" --region="$REGION" --project="$PROJECT" \\
   --format='value(status.url)')"

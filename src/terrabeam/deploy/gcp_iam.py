@@ -26,7 +26,12 @@ def grants(target: GcpTarget) -> list[Grant]:
         Grant(
             "roles/dataflow.developer", "project", "the workflow launches the Flex Template, reads job state"
         ),
-        Grant("roles/storage.objectAdmin", "bucket", "runs, Dataflow temp/staging files, the template spec"),
+        Grant(
+            "roles/storage.objectAdmin",
+            "bucket",
+            "run step folders, _COMPLETE.json markers and step status (written, replaced, deleted), "
+            "Dataflow temp/staging files, the template spec",
+        ),
         Grant("roles/artifactregistry.reader", "repository", "launcher and workers pull the predict image"),
         Grant("roles/iam.serviceAccountUser", "service_account", "the Dataflow job it launches runs as it"),
         Grant("roles/run.invoker", "service", "the workflow calls the export and deliver service"),

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from terrabeam.config import PipelineConfig
 from terrabeam.errors import ConfigError
 
-# The Cloud Run service sees the workspace bucket through a Cloud Storage volume mounted here.
-MOUNT_PATH = "/mnt/gcs"
 # schedule.cron is UTC for `terrabeam schedule`; Cloud Scheduler keeps the same meaning.
 TIME_ZONE = "Etc/UTC"
 # Paths GDAL reads inside a container: its cloud and HTTP virtual file systems.
@@ -143,16 +141,6 @@ class GcpTarget:
     @property
     def scheduler_job(self) -> str:
         return f"{self.slug}-schedule"
-
-    @property
-    def workspace_bucket(self) -> str:
-        return _bucket(self.workspace)
-
-    @property
-    def workspace_mounted(self) -> str:
-        """The workspace as the Cloud Run container sees it (bucket mounted at MOUNT_PATH)."""
-        prefix = self.workspace.removeprefix(f"gs://{self.workspace_bucket}").strip("/")
-        return f"{MOUNT_PATH}/{prefix}" if prefix else MOUNT_PATH
 
     @property
     def buckets(self) -> list[str]:

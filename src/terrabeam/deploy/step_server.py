@@ -6,9 +6,12 @@ deployed workflow calls, runnable locally as well.
     GET  /steps/<step>?run=<id>                      → the step's status: running, done or failed
 
 A failed step answers 422 (permanent: bad config, input or model), 503 (transient: worth a retry) or
-500 (unexpected), with ``{"status": "failed", "error": "<one line>"}``. The status is kept beside the
-step's folder (``<run>/.<step>.status.json``) so any instance can answer a poll. Binds 127.0.0.1
-unless told otherwise; in the container it binds 0.0.0.0 on $PORT, as Cloud Run requires.
+500 (unexpected), with ``{"status": "failed", "error": "<one line>"}``. The workspace is a local
+folder or a gs:// / s3:// URI (mirrored locally, see terrabeam.workspace). The status is kept in the
+workspace, ``<run>/.status/<step>.json`` (an object when the workspace is remote), so any instance
+can answer a poll; "done" counts only while the step's folder is published (its ``_COMPLETE.json``
+when remote). Binds 127.0.0.1 unless told otherwise; in the container it binds 0.0.0.0 on $PORT, as
+Cloud Run requires.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from typing import Any
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from terrabeam import storage
 from terrabeam.config import PipelineConfig, load_config
 from terrabeam.errors import TerrabeamError
 from terrabeam.workflow import steps
 from terrabeam.workflow.runner import is_transient
-from terrabeam.workspace import Workspace
+from terrabeam.workspace import COMPLETE, Workspace, resolve_root
 
 log = logging.getLogger("terrabeam.deploy")
 
@@ -51,13 +55,19 @@ Response = tuple[int, dict[str, Any]]
 
 
 class StepService:
-    """The WSGI application: one pipeline config, one workspace root."""
+    """The WSGI application: one pipeline config, one workspace (the local folder ``root``, or the
+    gs:// / s3:// URI ``remote`` mirrored in ``root``)."""
 
     def __init__(
-        self, config: PipelineConfig, root: Path, functions: dict[str, Callable[..., Any]] | None = None
+        self,
+        config: PipelineConfig,
+        root: Path,
+        remote: str | None = None,
+        functions: dict[str, Callable[..., Any]] | None = None,
     ) -> None:
         self.config = config
         self.root = root
+        self.remote = remote
         self.functions = functions or STEP_FUNCTIONS
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -91,51 +101,82 @@ class StepService:
     def status(self, step: str, run: str) -> Response:
         if not _RUN_ID.match(run or ""):
             return 400, _failed(f"run id {run!r} must match {_RUN_ID.pattern}")
-        path = self._status_path(step, run)
-        if not path.exists():
+        try:
+            record = self._read_status(step, run)
+            workspace = Workspace(self.root, run, self.remote)
+            if record is not None and record["status"] == "done" and not workspace.has_step(step):
+                where = workspace.step_location(step)
+                error = f"{where} is not published (no {COMPLETE}); POST to run step '{step}' again"
+                return 404, {"status": "missing", "run": run, "step": step, "error": error}
+        except Exception as exc:
+            return _error_code(exc), _failed(_one_line(exc))
+        if record is None:
             return 404, {"status": "missing", "run": run, "step": step}
-        return 200, json.loads(path.read_text())
+        return 200, record
 
     def start(self, step: str, run: str) -> Response:
         if not isinstance(run, str) or not _RUN_ID.match(run):
             return 400, _failed(f"run id {run!r} must match {_RUN_ID.pattern}")
-        path = self._status_path(step, run)
-        workspace = Workspace(self.root, run)
-        if path.exists():
-            previous = json.loads(path.read_text())
-            if previous["status"] == "done" and workspace.step_dir(step).is_dir():
-                return 200, previous
-            if previous["status"] == "running" and time.time() - previous["started"] < STALE_SECONDS:
-                return 202, previous
+        workspace = Workspace(self.root, run, self.remote)
         record: dict[str, Any] = {"status": "running", "run": run, "step": step, "started": time.time()}
         try:
+            previous = self._read_status(step, run)
+            if previous is not None:
+                if previous["status"] == "done" and workspace.has_step(step):
+                    return 200, previous
+                if previous["status"] == "running" and time.time() - previous["started"] < STALE_SECONDS:
+                    return 202, previous
             workspace.ensure_writable()
-            _write_json(path, record)
+            self._write_status(record)
             report = self.functions[step](self.config, workspace)
+            record |= {"status": "done", "seconds": round(report.seconds, 3), "details": report.details}
+            self._write_status(record)
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}".splitlines()[0][:2000]
+            error = _one_line(exc)
             log.error("step %s of run %s failed: %s", step, run, error)
-            code = 503 if is_transient(exc) else 422 if isinstance(exc, TerrabeamError) else 500
             record |= {"status": "failed", "error": error}
-            if path.parent.is_dir():
-                _write_json(path, record)
-            return code, record
-        record |= {"status": "done", "seconds": round(report.seconds, 3), "details": report.details}
-        _write_json(path, record)
+            try:
+                self._write_status(record)
+            except Exception as status_exc:  # the step's own error is the one to answer with
+                log.error("step %s of run %s: status not recorded: %s", step, run, _one_line(status_exc))
+            return _error_code(exc), record
         return 200, record
 
-    def _status_path(self, step: str, run: str) -> Path:
-        return self.root / run / f".{step}.status.json"
+    def _status_location(self, step: str, run: str) -> str:
+        name = f"{run}/.status/{step}.json"
+        return f"{self.remote}/{name}" if self.remote else str(self.root / name)
+
+    def _read_status(self, step: str, run: str) -> dict[str, Any] | None:
+        location = self._status_location(step, run)
+        if self.remote is None:
+            path = Path(location)
+            return json.loads(path.read_text()) if path.exists() else None
+        return json.loads(storage.read_bytes(location)) if storage.exists(location) else None
+
+    def _write_status(self, record: dict[str, Any]) -> None:
+        """Replace the step's status whole: an object upload, or a local file renamed into place."""
+        location = self._status_location(record["step"], record["run"])
+        data = (json.dumps(record, default=str) + "\n").encode()
+        if self.remote is not None:
+            storage.write_bytes(location, data)
+            return
+        path = Path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+        partial.write_bytes(data)
+        os.replace(partial, path)
 
 
 def _failed(error: str) -> dict[str, Any]:
     return {"status": "failed", "error": error}
 
 
-def _write_json(path: Path, document: dict[str, Any]) -> None:
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    partial.write_text(json.dumps(document, default=str) + "\n")
-    os.replace(partial, path)
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:2000]
+
+
+def _error_code(exc: BaseException) -> int:
+    return 503 if is_transient(exc) else 422 if isinstance(exc, TerrabeamError) else 500
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
@@ -162,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, required=True, help="pipeline YAML file")
     parser.add_argument(
         "--workspace",
-        type=Path,
         default=os.environ.get("TERRABEAM_WORKSPACE") or None,
-        help="workspace root (default: $TERRABEAM_WORKSPACE, else 'workspace:' from the config)",
+        help="workspace root, a folder or a gs:// / s3:// URI "
+        "(default: $TERRABEAM_WORKSPACE, else 'workspace:' from the config)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument(
@@ -181,9 +222,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TerrabeamError as exc:
         print(f"terrabeam: error: {exc}", file=sys.stderr)
         return 1
-    root = args.workspace.resolve() if args.workspace else config.resolve(config.workspace)
-    server = serve(StepService(config, root), args.host, args.port)
-    log.info("serving %s steps for workspace %s on http://%s:%d", config.name, root, *server.server_address)
+    root, remote = (
+        resolve_root(args.workspace) if args.workspace else resolve_root(config.workspace, config.base_dir)
+    )
+    server = serve(StepService(config, root, remote), args.host, args.port)
+    log.info(
+        "serving %s steps for workspace %s on http://%s:%d",
+        config.name,
+        remote or root,
+        *server.server_address,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
