@@ -303,6 +303,11 @@ def test_interrupted_run_adopts_its_recorded_task_instead_of_starting_another(tm
         Runner(config, tmp_path / "ws", sleep=killed).run("r1", tuple(WINDOW.split("/")))
     assert len(playback.calls("POST", "/image:export")) == 1
 
+    import ee  # as in a new process: no initialised client
+
+    ee.Reset()
+    earthengine._connected = None
+
     record = Runner(config, tmp_path / "ws", sleep=lambda s: None).run("r1", tuple(WINDOW.split("/")))
     assert record.status == "done"
     assert len(playback.calls("POST", "/image:export")) == 1  # the recorded task was polled again

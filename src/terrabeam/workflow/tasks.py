@@ -54,11 +54,13 @@ class LocalTask:
         return self._report
 
 
-def _adoptable(external_id: str | None, what: str) -> str | None:
+def _adoptable(config: PipelineConfig, external_id: str | None, what: str) -> str | None:
     """The recorded task if it is still running or succeeded; None if there is none or it failed."""
     if not external_id:
         return None
-    from terrabeam.earthengine import task_state
+    from terrabeam.earthengine import connect, task_state
+
+    connect(config.earthengine)  # a resumed run may be a new process
 
     state = task_state(external_id)
     if state.state in ("FAILED", "CANCELLED"):
@@ -81,7 +83,7 @@ class EarthEngineExportTask:
     def start(self) -> str | None:
         from terrabeam.sources.earthengine import start_export
 
-        self.operation = _adoptable(self.context.external_id, "export")
+        self.operation = _adoptable(self.config, self.context.external_id, "export")
         if self.operation is None:
             self.operation = start_export(
                 self.config,
@@ -128,7 +130,7 @@ class EarthEngineDeliverTask:
     def start(self) -> str | None:
         from terrabeam.sinks.earthengine import start_ingestion
 
-        self.operation = _adoptable(self.context.external_id, "ingestion")
+        self.operation = _adoptable(self.config, self.context.external_id, "ingestion")
         if self.operation is None:
             predict_dir = self.workspace.require_step("predict")
             ingestion = start_ingestion(
