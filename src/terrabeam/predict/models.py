@@ -42,14 +42,19 @@ def run_model(
         else:
             result = np.full((pixels.shape[0], len(model.output_names)), np.nan, dtype=np.float32)
         return result.reshape(n, h, w, -1).transpose(0, 3, 1, 2)
-    masked = np.isnan(batch).any(axis=1)
-    inputs = np.nan_to_num(batch, nan=0.0)
+    # One pass over the batch in the common case (every value finite); masked patches take the
+    # slower path that zeroes NaN (and clips ±inf) like np.nan_to_num.
+    if np.isfinite(batch).all():
+        masked, inputs = None, batch
+    else:
+        masked = np.isnan(batch).any(axis=1)
+        inputs = np.nan_to_num(batch, nan=0.0)
     if model.layout == "NHWC":
         inputs = np.ascontiguousarray(inputs.transpose(0, 2, 3, 1))
     output = np.asarray(predictor(inputs), dtype=np.float32)
     if model.layout == "NHWC" and output.ndim == 4:
         output = output.transpose(0, 3, 1, 2)
-    if masked.any():
+    if masked is not None and masked.any():
         output = output.copy()
         output[np.broadcast_to(masked[:, None], output.shape)] = np.nan
     return output
@@ -63,6 +68,11 @@ class PatchModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
         self._model = model
         self._path = model_path
         self._margin = margin
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        """Bytes of a batch, for Beam's metrics: the arrays' sizes (Beam's default pickles the whole
+        batch to count them, ~0.3 ms per patch)."""
+        return sum(np.asarray(patch).nbytes for patch in batch)
 
     def load_model(self) -> Predictor:
         task = "regression" if self._model.output == "regression" else "classification"
