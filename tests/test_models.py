@@ -214,3 +214,26 @@ def test_run_model_masks_nan_and_passes_finite_batches_through_unchanged():
     assert np.isfinite(np.delete(out.reshape(2, 2, -1), 11, axis=2)).all()
     handler = PatchModelHandler(model, "m.onnx", (0, 0))
     assert handler.get_num_bytes(list(batch)) == batch.nbytes
+
+
+def test_per_pixel_run_model_feeds_only_unmasked_pixels():
+    """Synthetic: a per-pixel model sees every pixel when none is masked, and only the unmasked ones
+    otherwise; masked pixels come out NaN in every output."""
+    from terrabeam.config import ModelConfig
+    from terrabeam.predict.models import run_model
+
+    model = ModelConfig(path="m.onnx", kind="per_pixel", input_bands=["a", "b"], classes=["x", "y", "z"])
+    calls = []
+
+    def three_outputs(pixels):
+        calls.append(pixels.shape[0])
+        return np.stack([pixels[:, 0], pixels[:, 1], pixels.sum(axis=1)], axis=1)
+
+    batch = np.random.default_rng(1).random((2, 2, 6, 8)).astype(np.float32)  # margin 1 → 4 × 6 core
+    out = run_model(three_outputs, batch, model, (1, 1))
+    assert out.shape == (2, 3, 4, 6) and calls == [48]
+    np.testing.assert_array_equal(out[:, 0], batch[:, 0, 1:5, 1:7])
+    batch[0, 1, 2, 3] = np.nan  # core pixel (1, 2) of patch 0
+    out = run_model(three_outputs, batch, model, (1, 1))
+    assert calls[-1] == 47 and np.isnan(out[0, :, 1, 2]).all()
+    assert np.isfinite(out).sum() == 3 * 47

@@ -32,15 +32,14 @@ def run_model(
         core = batch[:, :, my : batch.shape[2] - my, mx : batch.shape[3] - mx]
         n, c, h, w = core.shape
         pixels = np.ascontiguousarray(core.transpose(0, 2, 3, 1)).reshape(-1, c)
+        if not np.isnan(pixels.min()):  # one reduction, no mask array, when nothing is masked
+            result = np.asarray(predictor(pixels), dtype=np.float32).reshape(pixels.shape[0], -1)
+            return result.reshape(n, h, w, -1).transpose(0, 3, 1, 2)
         valid = ~np.isnan(pixels).any(axis=1)
-        result = None
+        result = np.full((pixels.shape[0], len(model.output_names)), np.nan, dtype=np.float32)
         if valid.any():
-            values = np.asarray(predictor(pixels[valid] if not valid.all() else pixels), dtype=np.float32)
-            values = values.reshape(int(valid.sum()), -1)
-            result = np.full((pixels.shape[0], values.shape[1]), np.nan, dtype=np.float32)
-            result[valid] = values
-        else:
-            result = np.full((pixels.shape[0], len(model.output_names)), np.nan, dtype=np.float32)
+            values = np.asarray(predictor(pixels[valid]), dtype=np.float32)
+            result[valid] = values.reshape(int(valid.sum()), -1)
         return result.reshape(n, h, w, -1).transpose(0, 3, 1, 2)
     # One pass over the batch in the common case (every value finite); masked patches take the
     # slower path that zeroes NaN (and clips ±inf) like np.nan_to_num.
