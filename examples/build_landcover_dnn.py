@@ -64,4 +64,6 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parent / "data" / "examples" / "landcover-dnn.keras")
+    main(
+        Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parent / "data" / "examples" / "landcover-dnn.keras"
+    )
