@@ -9,6 +9,7 @@ import json
 import socket
 import subprocess
 import sys
+import urllib.request
 
 import boto3
 import numpy as np
@@ -43,6 +44,8 @@ def s3(monkeypatch, tmp_path):
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    # moto keeps its buckets in process-wide memory across servers: start every test empty.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=BUCKET)
     yield client
@@ -54,7 +57,9 @@ def _read(path):
         return dataset.read(), dataset.profile
 
 
-def test_run_with_workspace_inputs_and_model_on_s3_equals_the_local_run(tmp_path, tiny_pipeline, s3):
+def test_run_with_workspace_inputs_and_model_on_s3_equals_the_local_run(
+    tmp_path, tiny_pipeline, s3, monkeypatch, capsys
+):
     document, write = tiny_pipeline
     assert main(["run", str(write()), "--run", "local"]) == 0
     local_deliver = tmp_path / "ws" / "local" / "deliver"
@@ -88,6 +93,23 @@ def test_run_with_workspace_inputs_and_model_on_s3_equals_the_local_run(tmp_path
         np.testing.assert_array_equal(remote_pixels, local_pixels)
         np.testing.assert_equal(remote_profile.pop("nodata"), local_profile.pop("nodata"))  # NaN-aware
         assert remote_profile == local_profile
+
+    # Another machine (an empty mirror) sees the run history kept beside the runs, and a re-run of
+    # the delivered run does nothing there either.
+    assert "ws/terrabeam.db" in objects
+    monkeypatch.setenv("TERRABEAM_CACHE", str(tmp_path / "other-machine"))
+    capsys.readouterr()
+    assert main(["runs", "--workspace", f"s3://{BUCKET}/ws", "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)
+    assert [(r["id"], r["status"]) for r in runs] == [("r1", "done")]
+    before = {
+        o["Key"]: o["LastModified"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="ws/r1/")["Contents"]
+    }
+    assert main(["run", str(tmp_path / "remote.yaml"), "--run", "r1"]) == 0
+    after = {
+        o["Key"]: o["LastModified"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="ws/r1/")["Contents"]
+    }
+    assert after == before
 
 
 def test_a_step_downloads_its_input_from_the_remote_workspace(tmp_path, tiny_pipeline, s3):

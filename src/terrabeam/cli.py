@@ -152,10 +152,11 @@ def _workspace(config: PipelineConfig, args: argparse.Namespace, new_run: bool) 
 
 
 def _history_command(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from terrabeam.workflow.runner import Runner
+    from terrabeam.workflow.runner import Runner, pull_history
     from terrabeam.workflow.state import RunState
 
     root, remote = resolve_root(args.workspace)
+    pull_history(root, remote)
     if not (root / "terrabeam.db").exists():
         raise WorkspaceError(f"{root}: no run history here (terrabeam.db); give --workspace")
     state = RunState(root / "terrabeam.db")

@@ -127,6 +127,7 @@ class Runner:
         config = self.config
         steps.check_access(config)  # e.g. Earth Engine credentials: fail before touching the workspace
         with pipeline_lock(self.root, config.name, wait):
+            pull_history(self.root, self.remote)
             state = self.state()
             try:
                 record = self._open_run(state, run_id, window, force)
@@ -136,6 +137,7 @@ class Runner:
                 return self._execute(state, record, beam_args)
             finally:
                 state.close()
+                push_history(self.root, self.remote)
 
     def _open_run(self, state: RunState, run_id: str | None, window, force: bool) -> RunRecord:
         config = self.config
@@ -225,6 +227,30 @@ class Runner:
             self.sleep(pause)
             pause = min(pause * 2, 60.0)
         return report
+
+
+HISTORY = "terrabeam.db"
+
+
+def pull_history(root: Path, remote: str | None) -> None:
+    """For a gs:// / s3:// workspace: start from the run history kept beside its runs, if this
+    machine's mirror has none yet (another machine ran the pipeline before)."""
+    local = root / HISTORY
+    if remote is None or local.exists():
+        return
+    from terrabeam import storage
+
+    if storage.exists(f"{remote}/{HISTORY}"):
+        storage.copy_file(f"{remote}/{HISTORY}", str(local))
+
+
+def push_history(root: Path, remote: str | None) -> None:
+    """Copy the run history (closed, so SQLite has folded its journal in) beside the remote runs."""
+    local = root / HISTORY
+    if remote is not None and local.exists():
+        from terrabeam import storage
+
+        storage.copy_file(str(local), f"{remote}/{HISTORY}")
 
 
 def _one_line(exc: BaseException) -> str:
