@@ -224,3 +224,34 @@ def test_plain_and_gzip_shards(tmp_path, compression_level):
     (shard,) = export_rasters(config, out).shards
     assert shard.name == ("patches-00000.tfrecord" if compression_level == 0 else "patches-00000.tfrecord.gz")
     assert (shard.read_bytes()[:2] == b"\x1f\x8b") == (compression_level > 0)
+
+
+def test_geojson_polygon_masks_the_maps_outside_it(tmp_path, tiny_pipeline):
+    """Synthetic scene: a triangle region is exported as its bounding box; in the delivered maps every
+    pixel whose centre lies outside the triangle is nodata, every one inside is predicted."""
+    from rasterio.features import geometry_mask
+    from rasterio.warp import transform_geom
+
+    from terrabeam.cli import main
+
+    document, write = tiny_pipeline  # scene: 70 × 50 px of 10 m from (400000, 5600000)
+    triangle = {
+        "type": "Polygon",
+        "coordinates": [[(400050, 5599950), (400650, 5599950), (400050, 5599550), (400050, 5599950)]],
+    }
+    document["grid"] = document["grid"] | {
+        "region": {"geojson": transform_geom("EPSG:32633", "EPSG:4326", triangle)}
+    }
+    assert main(["run", str(write(document)), "--run", "r"]) == 0
+    with rasterio.open(tmp_path / "ws" / "r" / "deliver" / "tiny-classes.tif") as classes:
+        labels, transform, crs = classes.read(1), classes.transform, classes.crs
+    with rasterio.open(tmp_path / "ws" / "r" / "deliver" / "tiny-probabilities.tif") as probabilities:
+        probs = probabilities.read()
+    outside = geometry_mask(
+        [transform_geom("EPSG:4326", crs, transform_geom("EPSG:32633", "EPSG:4326", triangle))],
+        out_shape=labels.shape,
+        transform=transform,
+    )
+    assert outside.any() and (~outside).any()
+    assert (labels[outside] == 255).all() and (labels[~outside] != 255).all()
+    assert np.isnan(probs[:, outside]).all() and np.isfinite(probs[:, ~outside]).all()

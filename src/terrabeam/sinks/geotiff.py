@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from affine import Affine
 from PIL import Image, ImageDraw, ImageFont
 from rasterio.enums import Resampling
+from rasterio.features import geometry_mask
 from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_translate
 from rio_cogeo.profiles import cog_profiles
@@ -23,6 +25,7 @@ from terrabeam.errors import InputError, RecordCountError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path
 from terrabeam.progress import Progress
+from terrabeam.region import projected_geometry
 from terrabeam.tfrecord import decode_example, read_records
 
 CLASS_NODATA = 255
@@ -88,6 +91,17 @@ def _as_dtype(values: np.ndarray, layer: _Layer) -> np.ndarray:
     return np.where(np.isnan(values), layer.nodata, rounded).astype(layer.dtype)
 
 
+def _outside_as_nan(values: np.ndarray, polygon: dict, grid: Grid, target: Window) -> np.ndarray:
+    """NaN (the layer's nodata) where a pixel's centre lies outside the region polygon."""
+    transform = grid.transform @ Affine.translation(target.col_off, target.row_off)
+    outside = geometry_mask([polygon], out_shape=(target.height, target.width), transform=transform)
+    if not outside.any():
+        return values
+    values = values.astype(np.float32)
+    values[:, outside] = np.nan
+    return values
+
+
 def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) -> list[Path]:
     """Assemble the prediction shards in ``predict_dir`` into the configured outputs in ``out_dir``."""
     prefix = config.predict.prefix
@@ -98,6 +112,8 @@ def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) ->
     outputs = config.outputs
     stem = config.name
     layers = _layers(config, manifest.bands)
+    # A GeoJSON region is exported as its bounding box; pixels outside the polygon become nodata.
+    polygon = projected_geometry(config, grid.crs)
     raw = {layer.stem: out_dir / f".{stem}-{layer.stem}.raw.tif" for layer in layers}
     shape = (grid.patch_height, grid.patch_width)
     index = 0
@@ -137,6 +153,8 @@ def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) ->
                     values = np.stack(
                         [np.asarray(features[b]).reshape(shape)[:rows, :cols] for b in layer.bands]
                     )
+                    if polygon is not None:
+                        values = _outside_as_nan(values, polygon, grid, target)
                     files[layer.stem].write(_as_dtype(values, layer), window=target)
     if index != grid.total_patches:
         raise RecordCountError(

@@ -23,7 +23,7 @@ from terrabeam.earthengine import EarthEngineError, connect, request_id
 from terrabeam.errors import ConfigError, GridMismatchError, InputError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path
-from terrabeam.sources.region import TargetRegion, region_bounds, region_geometry, snap
+from terrabeam.region import TargetRegion, region_bounds, region_geometry, snap
 from terrabeam.storage import copy_file, join, list_files
 from terrabeam.tfrecord import count_records
 

@@ -28,7 +28,7 @@ from terrabeam.errors import GridMismatchError, InputError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, ShardedWriter, manifest_path, mixer_path
 from terrabeam.progress import Progress
-from terrabeam.sources.region import TargetRegion, region_bounds, snap
+from terrabeam.region import TargetRegion, region_bounds, snap
 from terrabeam.tfrecord import encode_example
 
 BLOCK_WIDTH = 2048  # pixels of patch cores read per block

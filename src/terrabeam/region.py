@@ -47,6 +47,12 @@ def region_geometry(config: PipelineConfig) -> dict[str, Any] | None:
     return geometry
 
 
+def projected_geometry(config: PipelineConfig, crs: str) -> dict[str, Any] | None:
+    """The configured GeoJSON geometry in ``crs`` (None for a bbox region or none)."""
+    geometry = region_geometry(config)
+    return None if geometry is None else transform_geom("EPSG:4326", crs, geometry)
+
+
 def region_bounds(config: PipelineConfig, crs: CRS) -> tuple[float, float, float, float] | None:
     """(minx, miny, maxx, maxy) of the configured region in ``crs``; None if no region is set."""
     if config.grid.region.bbox is not None:
