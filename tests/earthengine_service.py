@@ -27,7 +27,7 @@ from typing import Any
 import ee
 
 EE_TEST_FILES = os.path.join(os.path.dirname(ee.__file__), "tests")
-ACCESS_TOKEN = "ya29.playback-access-token"
+ACCESS_TOKEN = "playback-access-token-not-a-credential"
 
 
 @dataclass
@@ -206,7 +206,7 @@ def write_adc_file(path, token_uri: str) -> str:
             {
                 "type": "service_account",
                 "project_id": "playback-project",
-                "private_key_id": "0123456789abcdef",
+                "private_key_id": "playback-key-id",
                 "private_key": pem,
                 "client_email": "terrabeam@playback-project.iam.gserviceaccount.com",
                 "client_id": "1234567890",

@@ -261,7 +261,7 @@ def test_earth_engine_run_end_to_end_at_the_http_boundary(tmp_path, services, gc
 
     # No secret of the credentials file in any output, log, state or workspace file.
     output = capsys.readouterr()
-    secrets = [playback.secret, "0123456789abcdef"]  # a line of the private key, its id
+    secrets = [playback.secret]  # a line of the throwaway private key made by the fixture
     texts = [output.out, output.err] + [
         p.read_bytes().decode(errors="replace") for p in (tmp_path / "ws").rglob("*") if p.is_file()
     ]
