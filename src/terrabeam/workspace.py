@@ -47,6 +47,18 @@ def new_run_id(root: Path) -> str:
     return candidate
 
 
+def replace_folder(folder: Path, final: Path) -> None:
+    """Make ``folder`` the folder ``final`` by rename; an older ``final`` is moved aside first and
+    removed after, so ``final`` is never half-written (a killed process leaves a hidden .old- folder)."""
+    if final.exists():
+        retired = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        final.rename(retired)
+        folder.rename(final)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        folder.rename(final)
+
+
 class Workspace:
     """One run's folder inside a workspace root."""
 
@@ -189,11 +201,4 @@ class Workspace:
         self._publish_locally(staging, step)
 
     def _publish_locally(self, folder: Path, step: str) -> None:
-        final = self.step_dir(step)
-        if final.exists():
-            retired = self.run_dir / f".{step}.old-{uuid.uuid4().hex[:8]}"
-            final.rename(retired)
-            folder.rename(final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            folder.rename(final)
+        replace_folder(folder, self.step_dir(step))

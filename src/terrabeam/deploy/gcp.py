@@ -36,6 +36,7 @@ from terrabeam.deploy.gcp_iam import apis, describe, grants
 from terrabeam.deploy.gcp_target import TIME_ZONE, GcpTarget
 from terrabeam.deploy.gcp_workflow import render_workflow
 from terrabeam.errors import DeployError
+from terrabeam.workspace import replace_folder
 
 PYTHON_VERSION = "3.11"
 LAUNCHER_BASE = (
@@ -58,13 +59,7 @@ def render_gcp(config: PipelineConfig, out: Path) -> list[Path]:
     staging.mkdir()
     try:
         _render_into(config, target, staging)
-        if out.exists():
-            retired = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(retired)
-            staging.rename(out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(out)
+        replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

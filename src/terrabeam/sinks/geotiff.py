@@ -91,15 +91,11 @@ def _as_dtype(values: np.ndarray, layer: _Layer) -> np.ndarray:
     return np.where(np.isnan(values), layer.nodata, rounded).astype(layer.dtype)
 
 
-def _outside_as_nan(values: np.ndarray, polygon: dict, grid: Grid, target: Window) -> np.ndarray:
-    """NaN (the layer's nodata) where a pixel's centre lies outside the region polygon."""
+def _outside(polygon: dict, grid: Grid, target: Window) -> np.ndarray | None:
+    """Pixels of ``target`` whose centre lies outside the region polygon (None if there are none)."""
     transform = grid.transform @ Affine.translation(target.col_off, target.row_off)
     outside = geometry_mask([polygon], out_shape=(target.height, target.width), transform=transform)
-    if not outside.any():
-        return values
-    values = values.astype(np.float32)
-    values[:, outside] = np.nan
-    return values
+    return outside if outside.any() else None
 
 
 def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) -> list[Path]:
@@ -144,6 +140,7 @@ def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) ->
                 if rows <= 0 or cols <= 0:
                     continue  # a padding patch wholly outside the true region
                 target = Window(window.col_off, window.row_off, cols, rows)
+                outside = _outside(polygon, grid, target) if polygon is not None else None
                 for layer in layers:
                     missing = [b for b in layer.bands if b not in features]
                     if missing:
@@ -153,8 +150,9 @@ def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) ->
                     values = np.stack(
                         [np.asarray(features[b]).reshape(shape)[:rows, :cols] for b in layer.bands]
                     )
-                    if polygon is not None:
-                        values = _outside_as_nan(values, polygon, grid, target)
+                    if outside is not None:  # NaN becomes each layer's nodata
+                        values = values.astype(np.float32)
+                        values[:, outside] = np.nan
                     files[layer.stem].write(_as_dtype(values, layer), window=target)
     if index != grid.total_patches:
         raise RecordCountError(
