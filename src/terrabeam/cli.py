@@ -214,17 +214,13 @@ def run_step_alone(name: str, config: PipelineConfig, workspace: Workspace, beam
     import time
 
     from terrabeam.workflow import steps
-    from terrabeam.workflow.tasks import RunContext, task_for
+    from terrabeam.workflow.tasks import RunContext, start_and_poll, task_for
 
     if name == "predict":  # alone, predict probes the model first (a run did so before export)
         return steps.predict_step(config, workspace, beam_args)
-    task = task_for(name, config, workspace, beam_args, RunContext(workspace.run_id, created=time.time()))
-    task.start()
-    pause = 1.0
-    while (report := task.poll()) is None:
-        time.sleep(pause)
-        pause = min(pause * 2, 60.0)
-    return report
+    return start_and_poll(
+        task_for(name, config, workspace, beam_args, RunContext(workspace.run_id, created=time.time()))
+    )
 
 
 def _root_cause(exc: BaseException) -> TerrabeamError | None:

@@ -19,7 +19,7 @@ from terrabeam.config import PipelineConfig, WorkflowConfig
 from terrabeam.errors import TerrabeamError, TransientError, WorkspaceError
 from terrabeam.workflow import steps
 from terrabeam.workflow.state import RunRecord, RunState
-from terrabeam.workflow.tasks import LocalTask, RunContext, StepTask, task_for
+from terrabeam.workflow.tasks import LocalTask, RunContext, StepTask, start_and_poll, task_for
 from terrabeam.workspace import STEPS, Workspace, new_run_id
 
 log = logging.getLogger("terrabeam.workflow")
@@ -219,14 +219,9 @@ class Runner:
 
     def _start_and_poll(self, task: StepTask, state: RunState, run_id: str, name: str) -> steps.StepReport:
         """Start a task, record its external id, and poll with growing pauses until it reports."""
-        external_id = task.start()
-        if external_id:
-            state.set_external_id(run_id, name, external_id)
-        pause = 1.0
-        while (report := task.poll()) is None:
-            self.sleep(pause)
-            pause = min(pause * 2, 60.0)
-        return report
+        return start_and_poll(
+            task, self.sleep, lambda external_id: state.set_external_id(run_id, name, external_id)
+        )
 
 
 HISTORY = "terrabeam.db"

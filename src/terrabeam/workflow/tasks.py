@@ -29,6 +29,23 @@ class StepTask(Protocol):
     def poll(self) -> steps.StepReport | None: ...
 
 
+def start_and_poll(
+    task: StepTask,
+    sleep: Callable[[float], None] = time.sleep,
+    on_start: Callable[[str], None] | None = None,
+) -> steps.StepReport:
+    """Start a task (``on_start`` gets its external id, if any) and poll it with pauses growing
+    from 1 s to 60 s until it reports."""
+    external_id = task.start()
+    if external_id and on_start is not None:
+        on_start(external_id)
+    pause = 1.0
+    while (report := task.poll()) is None:
+        sleep(pause)
+        pause = min(pause * 2, 60.0)
+    return report
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What a step knows of its run beyond the workspace: window, creation time, a recorded task id."""
