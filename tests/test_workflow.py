@@ -45,13 +45,12 @@ def _flaky(name, failures, exc):
 def test_transient_failure_is_retried_and_attempts_recorded(tmp_path, tiny_pipeline):
     document, write = tiny_pipeline
     config = load_config(write())
-    flaky, calls = _flaky("predict", 2, TransientError("HTTP 503 from the runner"))
+    flaky, calls = _flaky("map", 2, TransientError("HTTP 503 from the runner"))
     delays = []
-    runner = Runner(config, tmp_path / "ws", sleep=delays.append, step_functions={"predict": flaky})
+    runner = Runner(config, tmp_path / "ws", sleep=delays.append, step_functions={"map": flaky})
     record = runner.run("r")
     assert record.status == "done"
-    steps = {s.name: s for s in record.steps}
-    assert steps["predict"].attempts == 3 and steps["export"].attempts == 1
+    assert [(s.name, s.attempts) for s in record.steps] == [("map", 3)]
     assert len(calls) == 3 and len(delays) == 2
     assert 1.0 <= delays[0] <= 3.0 and 2.0 <= delays[1] <= 6.0  # 2 s, then 4 s, ±50 % jitter
 
@@ -59,20 +58,20 @@ def test_transient_failure_is_retried_and_attempts_recorded(tmp_path, tiny_pipel
 def test_permanent_failure_stops_after_one_attempt_with_reason(tmp_path, tiny_pipeline, capsys):
     document, write = tiny_pipeline
     config = load_config(write())
-    broken, calls = _flaky("deliver", 5, InputError("predictions-00001.tfrecord.gz: band 'class' missing"))
-    runner = Runner(config, tmp_path / "ws", sleep=lambda s: None, step_functions={"deliver": broken})
+    broken, calls = _flaky("map", 5, InputError("predictions-00001.tfrecord.gz: band 'class' missing"))
+    runner = Runner(config, tmp_path / "ws", sleep=lambda s: None, step_functions={"map": broken})
     with pytest.raises(InputError):
         runner.run("r")
     assert len(calls) == 1
     assert main(["status", "r", "--workspace", str(tmp_path / "ws"), "--json"]) == 1
     status = json.loads(capsys.readouterr().out)
-    deliver = next(s for s in status["steps"] if s["name"] == "deliver")
-    assert status["status"] == "failed" and deliver["attempts"] == 1
-    assert "band 'class' missing" in deliver["error"]
-    # resuming re-runs only the failed step
+    step = next(s for s in status["steps"] if s["name"] == "map")
+    assert status["status"] == "failed" and step["attempts"] == 1
+    assert "band 'class' missing" in step["error"]
+    # resuming runs the failed step again
     record = Runner(config, tmp_path / "ws").run("r")
     assert record.status == "done"
-    assert [s.attempts for s in record.steps] == [1, 1, 2]
+    assert [s.attempts for s in record.steps] == [2]
 
 
 def test_classification_of_failures():
@@ -94,7 +93,7 @@ def test_rerun_of_delivered_config_does_nothing(tmp_path, tiny_pipeline, capsys)
     assert main(["runs", "--workspace", str(tmp_path / "ws"), "--json"]) == 0
     runs = json.loads(capsys.readouterr().out)
     assert len(runs) == 1 and runs[0]["status"] == "done"
-    assert [s["attempts"] for s in runs[0]["steps"]] == [1, 1, 1]
+    assert [s["attempts"] for s in runs[0]["steps"]] == [1]
 
 
 def test_two_concurrent_runs_do_the_work_once(tmp_path, tiny_pipeline):
@@ -107,45 +106,44 @@ def test_two_concurrent_runs_do_the_work_once(tmp_path, tiny_pipeline):
     runs = state.list_runs()
     state.close()
     assert len(runs) == 1
-    assert [s.attempts for s in runs[0].steps] == [1, 1, 1]
+    assert [s.attempts for s in runs[0].steps] == [1]
     assert sum("already delivered" in err for _, err in results) == 1
 
 
-def test_sigkill_during_predict_then_resume_gives_the_same_map(tmp_path, demo_copy):
-    """The real U-Net on the demo scene: kill -9 once a prediction shard is written, resume, compare."""
-    doc = demo_copy.read_text()
+def test_sigkill_mid_run_then_resume_keeps_tiles_and_gives_the_same_map(tmp_path, demo_copy):
+    """The real U-Net on the demo scene in tiles of one patch: kill -9 once a tile is published,
+    run again, compare with an uninterrupted run byte for byte."""
+    doc = demo_copy.read_text().replace("outputs:\n", "outputs:\n  tile_size: 192\n")
+    demo_copy.write_text(doc)
     other = tmp_path / "other.yaml"
     other.write_text(doc.replace(f"workspace: {tmp_path / 'ws'}", f"workspace: {tmp_path / 'ws-clean'}"))
     assert main(["run", str(other), "--run", "clean"]) == 0
 
     process = _terrabeam("run", demo_copy, "--run", "k")
-    work = tmp_path / "ws" / "k" / ".predict.work"
+    tiles = tmp_path / "ws" / "k" / ".deliver.work" / "tiles"
     deadline = time.time() + 120
     while (
-        not list(work.glob("predictions-*.tfrecord.gz")) and time.time() < deadline and process.poll() is None
+        not list(tiles.glob("*-probabilities-r*.tif")) and time.time() < deadline and process.poll() is None
     ):
         time.sleep(0.02)
-    assert process.poll() is None, "the run ended before a shard appeared"
+    assert process.poll() is None, "the run ended before a tile appeared"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (tmp_path / "ws" / "k" / "predict").exists()
+    assert not (tmp_path / "ws" / "k" / "deliver").exists()
 
-    assert main(["resume", "k", "--workspace", str(tmp_path / "ws")]) == 0
+    assert main(["run", str(demo_copy), "--run", "k"]) == 0
     state = RunState(tmp_path / "ws" / "terrabeam.db")
     record = state.get_run("k")
     state.close()
-    predict = next(s for s in record.steps if s.name == "predict")
-    assert record.status == "done" and predict.outputs["shards_reused"] >= 1
-    shards = sorted(p.name for p in (tmp_path / "ws" / "k" / "predict").glob("*.tfrecord.gz"))
-    assert shards == [f"predictions-{i:05d}.tfrecord.gz" for i in range(4)]
-    for name in ("classes", "probabilities"):
-        resumed = (tmp_path / "ws" / "k" / "deliver" / f"sentinel2-cloudmask-{name}.tif").read_bytes()
-        clean = (tmp_path / "ws-clean" / "clean" / "deliver" / f"sentinel2-cloudmask-{name}.tif").read_bytes()
-        assert resumed == clean
-    for shard in shards:
-        assert (tmp_path / "ws" / "k" / "predict" / shard).read_bytes() == (
-            tmp_path / "ws-clean" / "clean" / "predict" / shard
-        ).read_bytes()
+    step = record.steps[0]
+    assert record.status == "done" and step.name == "map"
+    assert 1 <= step.outputs["tiles_reused"] < step.outputs["tiles"] == 8
+    deliver, clean = tmp_path / "ws" / "k" / "deliver", tmp_path / "ws-clean" / "clean" / "deliver"
+    names = sorted(p.relative_to(clean) for p in clean.rglob("*.tif"))
+    assert len(names) == 2 + 2 * 8
+    assert sorted(p.relative_to(deliver) for p in deliver.rglob("*.tif")) == names
+    for name in names:
+        assert (deliver / name).read_bytes() == (clean / name).read_bytes(), name
     assert Path(tmp_path / "ws" / "k" / "summary.json").exists()
 
 
@@ -183,9 +181,4 @@ def test_run_removes_folders_left_by_a_killed_step(tmp_path, tiny_pipeline):
     (leftover / "tiny-00000.tfrecord.gz").write_bytes(b"half")
     assert main(["run", str(write()), "--run", "r"]) == 0
     assert not leftover.exists()
-    assert sorted(p.name for p in (tmp_path / "ws" / "r").iterdir()) == [
-        "deliver",
-        "export",
-        "predict",
-        "summary.json",
-    ]
+    assert sorted(p.name for p in (tmp_path / "ws" / "r").iterdir()) == ["deliver", "summary.json"]

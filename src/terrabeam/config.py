@@ -444,6 +444,33 @@ class OutputsConfig(_Strict):
     probabilities: bool = True
     quicklook: bool = True
     colors: dict[str, str] = Field(default_factory=dict, description="class → '#rrggbb'")
+    tile_size: int = Field(
+        2048,
+        ge=1,
+        description="map tile side in pixels, rounded down to whole patches: one COG per tile and "
+        "layer, written by one worker (memory per tile: a patch plus GDAL's cache)",
+    )
+    single_file_max_pixels: int = Field(
+        2**28,
+        ge=0,
+        description="also assemble one COG per layer from the tiles when the region has at most this "
+        "many pixels (0: never); the VRT over the tiles is always written",
+    )
+    compression: Literal["zstd", "deflate", "lzw", "none"] = Field(
+        "zstd",
+        description="codec of the map COGs: zstd (level 1 by default) compresses like deflate at about "
+        "twice its speed (BENCHMARKS.md); deflate for readers without ZSTD",
+    )
+    compression_level: int | None = Field(
+        None,
+        ge=1,
+        le=22,
+        description="codec level (GDAL's LEVEL); default: 1 for zstd, GDAL's for the others",
+    )
+    tfrecord: bool = Field(
+        False,
+        description="a raster-sourced run also writes Earth Engine-layout prediction shards + mixer",
+    )
     earthengine: EarthEngineSink | None = Field(
         None, description="also ingest the predictions into an Earth Engine image collection"
     )

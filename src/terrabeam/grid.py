@@ -11,11 +11,20 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from affine import Affine
 
 from terrabeam.errors import GridMismatchError
+
+
+class PatchKey(NamedTuple):
+    """Where a patch belongs: its index in the grid, and its shard and position in shard files
+    (Earth Engine's layout; a source without shards keeps shard 0 and position = index)."""
+
+    index: int
+    shard: int = 0
+    position: int = 0
 
 
 @dataclass(frozen=True)

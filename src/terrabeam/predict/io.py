@@ -1,7 +1,8 @@
-"""Beam transforms around the model: keyed record reading, patch decoding, post-processing, shard writing.
+"""Beam transforms around the model and the Earth Engine-layout files: keyed record reading and
+decoding (a patch source), the model's input and output, and prediction shard writing (a sink).
 
-Every element carries its key (shard number, position in shard), so workers may process patches
-in any order; the writer groups by shard and restores the order.
+Every element carries its PatchKey (grid index, shard, position in shard), so workers may process
+patches in any order; the shard writer restores the order, the map writer places patches by index.
 """
 
 from __future__ import annotations
@@ -11,27 +12,27 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import PredictionResult
 
+from terrabeam import NAMESPACE
 from terrabeam.errors import InputError, RecordCountError
+from terrabeam.grid import PatchKey
 from terrabeam.tfrecord import RecordWriter, decode_example, encode_example, read_records
 
-NAMESPACE = "terrabeam"
-
-
-class PatchKey(NamedTuple):
-    shard: int
-    position: int
+Patch = dict[str, np.ndarray]  # band name → (H, W) values (a source's element, with its PatchKey)
 
 
 class ReadKeyedRecords(beam.DoFn):
-    """(shard number, shard path) → (PatchKey, serialized tf.train.Example) for every record."""
+    """(shard number, shard path) → (PatchKey, serialized tf.train.Example) for every record.
 
-    def __init__(self) -> None:
+    ``offsets`` (first grid index of each shard, from the manifest's counts) give each record its
+    grid index; without them a record's index is its position in its shard."""
+
+    def __init__(self, offsets: Sequence[int] | None = None) -> None:
+        self.offsets = list(offsets) if offsets else None
         self.records_read = beam.metrics.Metrics.counter(NAMESPACE, "records_read")
 
     def process(self, shard: tuple[int, str]) -> Iterator[tuple[PatchKey, bytes]]:
@@ -40,33 +41,22 @@ class ReadKeyedRecords(beam.DoFn):
             from terrabeam.storage import local_copy
 
             path = local_copy(path)
+        first = self.offsets[number] if self.offsets else 0
         for position, payload in enumerate(read_records(path)):
             self.records_read.inc()
-            yield PatchKey(number, position), payload
+            yield PatchKey(first + position, number, position), payload
 
 
-class DecodePatch(beam.DoFn):
-    """Serialized Example → (C, H, W) float32 model input: bands in model order, normalised, NaN where
-    masked (the model's nodata value, or NaN, in any band)."""
+class DecodeRecord(beam.DoFn):
+    """(PatchKey, serialized Example) → (PatchKey, {band: (H, W) values}) for the named bands; errors
+    name the shard file and the record."""
 
-    def __init__(
-        self,
-        shard_paths: Sequence[str],
-        bands: Sequence[str],
-        shape: tuple[int, int],
-        normalization: tuple[Sequence[float], Sequence[float]] | None,
-        nodata: float | None,
-    ) -> None:
+    def __init__(self, shard_paths: Sequence[str], bands: Sequence[str], shape: tuple[int, int]) -> None:
         self.shard_paths = list(shard_paths)
         self.bands = list(bands)
         self.shape = shape
-        self.multiply = self.add = None
-        if normalization is not None:
-            self.multiply = np.asarray(normalization[0], np.float32)[:, None, None]
-            self.add = np.asarray(normalization[1], np.float32)[:, None, None]
-        self.nodata = nodata
 
-    def process(self, element: tuple[PatchKey, bytes]) -> Iterator[tuple[PatchKey, np.ndarray]]:
+    def process(self, element: tuple[PatchKey, bytes]) -> Iterator[tuple[PatchKey, Patch]]:
         key, payload = element
         where = f"{self.shard_paths[key.shard]} record {key.position}"
         try:
@@ -74,8 +64,8 @@ class DecodePatch(beam.DoFn):
         except ValueError as exc:
             raise InputError(f"{where}: {exc}") from None
         height, width = self.shape
-        patch = np.empty((len(self.bands), height, width), dtype=np.float32)
-        for i, band in enumerate(self.bands):
+        patch = {}
+        for band in self.bands:
             values = features.get(band)
             if values is None:
                 available = sorted(decode_example(payload))
@@ -85,7 +75,30 @@ class DecodePatch(beam.DoFn):
                     f"{where}: band {band!r} has {len(values)} values, expected {height}×{width}="
                     f"{height * width} (patch size + kernel margin); check grid.kernel_size"
                 )
-            patch[i] = np.reshape(values, (height, width))
+            patch[band] = np.reshape(values, (height, width))
+        yield key, patch
+
+
+class PreparePatch(beam.DoFn):
+    """{band: values} → (C, H, W) float32 model input: bands in model order, normalised, NaN where
+    masked (the model's nodata value, or NaN, in any band)."""
+
+    def __init__(
+        self,
+        bands: Sequence[str],
+        normalization: tuple[Sequence[float], Sequence[float]] | None,
+        nodata: float | None,
+    ) -> None:
+        self.bands = list(bands)
+        self.multiply = self.add = None
+        if normalization is not None:
+            self.multiply = np.asarray(normalization[0], np.float32)[:, None, None]
+            self.add = np.asarray(normalization[1], np.float32)[:, None, None]
+        self.nodata = nodata
+
+    def process(self, element: tuple[PatchKey, Patch]) -> Iterator[tuple[PatchKey, np.ndarray]]:
+        key, features = element
+        patch = np.stack([features[band] for band in self.bands]).astype(np.float32, copy=False)
         masked = (patch == self.nodata).any(axis=0) if self.nodata is not None else None
         if self.multiply is not None:
             patch *= self.multiply
@@ -99,7 +112,7 @@ NODATA_CLASS = 255  # class value of masked pixels (the class map's nodata)
 
 
 class PostProcess(beam.DoFn):
-    """Model output (K, H, W) → Example at core size.
+    """Model output (K, H, W) → prediction bands at core size.
 
     Classification: ``class`` (int64 argmax, 255 where masked) + ``prob_<class>`` floats (softmax of
     logits); regression: one float band per output name. Masked pixels are NaN in float bands.
@@ -110,9 +123,9 @@ class PostProcess(beam.DoFn):
         self.core = core  # (height, width) of a patch without its margin
         self.output = output
 
-    def process(self, element: tuple[PatchKey, PredictionResult]) -> Iterator[tuple[int, tuple[int, bytes]]]:
+    def process(self, element: tuple[PatchKey, PredictionResult]) -> Iterator[tuple[PatchKey, Patch]]:
         key, result = element
-        yield key.shard, (key.position, encode_example(self.features(np.asarray(result.inference))))
+        yield key, self.features(np.asarray(result.inference))
 
     def features(self, output: np.ndarray) -> dict[str, np.ndarray]:
         _, height, width = output.shape
@@ -231,3 +244,38 @@ class StreamShardsInOrder(beam.DoFn):
 
 
 _PUBLISHED: _ShardFile = object()  # type: ignore[assignment]  # marks a shard already published
+
+
+class WritePredictionShards(beam.PTransform):
+    """(PatchKey, prediction bands) → Earth Engine-layout prediction shards ``names`` in ``out_dir``
+    (a folder or a URI), each record at its key's shard and position.
+
+    With ``grouped`` the records of a shard are brought together first (they were spread over
+    workers); otherwise each shard's records stream through one bundle in order.
+    """
+
+    def __init__(
+        self,
+        out_dir: str,
+        names: Sequence[str],
+        compression_level: int,
+        expected: Sequence[int] | None,
+        grouped: bool,
+    ) -> None:
+        super().__init__()
+        self.out_dir, self.names, self.level = out_dir, list(names), compression_level
+        self.expected, self.grouped = expected, grouped
+
+    def expand(self, predictions: beam.PCollection) -> beam.PCollection:
+        records = predictions | "EncodeRecord" >> beam.Map(
+            lambda kv: (kv[0].shard, (kv[0].position, encode_example(kv[1])))
+        )
+        if self.grouped:
+            return (
+                records
+                | "GroupByShard" >> beam.GroupByKey()
+                | "WriteShard" >> beam.ParDo(WriteShard(self.out_dir, self.names, self.level))
+            )
+        return records | "StreamShardsInOrder" >> beam.ParDo(
+            StreamShardsInOrder(self.out_dir, self.names, self.level, self.expected)
+        )

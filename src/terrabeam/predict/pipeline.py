@@ -16,17 +16,17 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from terrabeam import NAMESPACE
 from terrabeam.config import PipelineConfig
 from terrabeam.errors import ConfigError, RecordCountError, TerrabeamError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path, shard_name
 from terrabeam.predict.io import (
-    NAMESPACE,
-    DecodePatch,
+    DecodeRecord,
     PostProcess,
+    PreparePatch,
     ReadKeyedRecords,
-    StreamShardsInOrder,
-    WriteShard,
+    WritePredictionShards,
 )
 from terrabeam.predict.models import PatchModelHandler, probe_model
 from terrabeam.tfrecord import count_records
@@ -48,6 +48,28 @@ def pipeline_flags(config: PipelineConfig, extra: Sequence[str] = ()) -> list[st
             "(a worker image; `terrabeam deploy gcp` renders its Dockerfile) or runner.options.setup_file"
         )
     return flags
+
+
+class PredictPatches(beam.PTransform):
+    """(PatchKey, {band: (H, W)}) → (PatchKey, prediction bands at core size): the model's input
+    prepared, Beam's RunInference with terrabeam's handler, and the output post-processed."""
+
+    def __init__(self, config: PipelineConfig, model_path: str, grid: Grid, margin: tuple[int, int]) -> None:
+        super().__init__()
+        self.config, self.model_path, self.grid, self.margin = config, model_path, grid, margin
+
+    def expand(self, patches: beam.PCollection) -> beam.PCollection:
+        model = self.config.model
+        norm = model.normalization
+        handler = KeyedModelHandler(PatchModelHandler(model, self.model_path, self.margin))
+        core = (self.grid.patch_height, self.grid.patch_width)
+        return (
+            patches
+            | "PreparePatch"
+            >> beam.ParDo(PreparePatch(model.input_bands, norm.factors() if norm else None, model.nodata))
+            | "RunInference" >> RunInference(handler)
+            | "PostProcess" >> beam.ParDo(PostProcess(model.output_names, core, model.output))
+        )
 
 
 @dataclass(frozen=True)
@@ -93,6 +115,7 @@ class RemoteIO:
     export: str
     work: str
     model: str
+    tiles: str
 
 
 def run_predict(
@@ -122,11 +145,8 @@ def run_predict(
     expected = manifest.shard_records or None
     finished = finished_shards(out_dir, names, expected)
     todo = [i for i in range(len(shards)) if i not in finished]
-    norm = config.model.normalization
-    handler = KeyedModelHandler(PatchModelHandler(config.model, model_path, margin))
     flags = pipeline_flags(config, beam_args)
-    options = PipelineOptions(flags)
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(options=PipelineOptions(flags))
     sources = [f"{remote.export}/{p.name}" for p in shards] if remote else [str(p) for p in shards]
     target = remote.work if remote else str(out_dir)
     records = pipeline | "Shards" >> beam.Create([(i, sources[i]) for i in todo])
@@ -134,35 +154,16 @@ def run_predict(
     reshuffle = config.predict.should_reshuffle(flags)
     if reshuffle:
         records = records | "Reshuffle" >> beam.Reshuffle()
-    predictions = (
+    _ = (
         records
-        | "DecodePatch"
-        >> beam.ParDo(
-            DecodePatch(
-                [str(p) for p in shards],
-                config.model.input_bands,
-                shape,
-                norm.factors() if norm else None,
-                config.model.nodata,
-            )
-        )
-        | "RunInference" >> RunInference(handler)
-        | "PostProcess"
-        >> beam.ParDo(
-            PostProcess(config.model.output_names, (grid.patch_height, grid.patch_width), config.model.output)
-        )
+        | "DecodeRecord"
+        >> beam.ParDo(DecodeRecord([str(p) for p in shards], config.model.input_bands, shape))
+        | "Predict" >> PredictPatches(config, model_path, grid, margin)
+        # reshuffled: a shard's records are spread over workers, bring them together; otherwise each
+        # shard stays in one bundle, in order, and streams out with flat memory
+        | "WritePredictionShards"
+        >> WritePredictionShards(target, names, config.predict.compression_level, expected, reshuffle)
     )
-    level = config.predict.compression_level
-    if reshuffle:  # records of a shard are spread over workers: bring them together, then write
-        _ = (
-            predictions
-            | "GroupByShard" >> beam.GroupByKey()
-            | "WriteShard" >> beam.ParDo(WriteShard(target, names, level))
-        )
-    else:  # each shard stays in one bundle, in order: stream it out, memory stays flat
-        _ = predictions | "StreamShardsInOrder" >> beam.ParDo(
-            StreamShardsInOrder(target, names, level, expected)
-        )
     read = written = 0
     if todo:
         result = pipeline.run()

@@ -1,7 +1,8 @@
-"""Export step from GDAL-readable rasters: warp onto the target grid, scale, derive, cut into patches.
+"""The raster source: GDAL-readable rasters warped onto the target grid, scaled, derived, cut into
+patches, as a Beam transform (read on the workers) or as the export step's Earth Engine-layout files.
 
-Reads one block of patches at a time (one patch row, at most ~2048 px wide, plus the kernel
-margin), so memory does not depend on the scene's size.
+Reads one block of patches at a time (one patch row of a tile, or at most ~2048 px wide, plus the
+kernel margin), so memory does not depend on the scene's size.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import apache_beam as beam
 import numexpr
 import numpy as np
 import rasterio
@@ -23,13 +25,15 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
+from terrabeam import NAMESPACE
 from terrabeam.config import PipelineConfig
 from terrabeam.errors import GridMismatchError, InputError
-from terrabeam.grid import Grid
+from terrabeam.grid import Grid, PatchKey
 from terrabeam.layout import ExportManifest, ShardedWriter, manifest_path, mixer_path
 from terrabeam.progress import Progress
 from terrabeam.region import TargetRegion, region_bounds, snap
 from terrabeam.tfrecord import encode_example
+from terrabeam.tiling import Tiling
 
 BLOCK_WIDTH = 2048  # pixels of patch cores read per block
 
@@ -123,6 +127,62 @@ class _BandReader:
         self.dataset.close()
 
 
+class RasterPatchReader:
+    """Every source band on the padded grid, read a block of patches at a time (the bands of a block
+    in parallel threads: GDAL releases the GIL while it reads and warps), with derived bands."""
+
+    def __init__(self, config: PipelineConfig, grid: Grid, kernel: tuple[int, int]) -> None:
+        self.config = config
+        self.grid = grid
+        self.kernel = kernel
+        self._stack = ExitStack()
+        try:
+            self.readers: list[_BandReader] = []
+            for name in config.source.bands:
+                self.readers.append(_BandReader(config, name, grid, kernel))
+                self._stack.callback(self.readers[-1].close)
+            self._pool = ThreadPoolExecutor(max_workers=min(len(self.readers), os.cpu_count() or 1))
+            self._stack.callback(self._pool.shutdown)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def read_block(self, row: int, first: int, last: int) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """(grid index, {band: (H + kh, W + kw) float32}) of patches ``first``..``last - 1`` of patch
+        row ``row``; the arrays are views into one block."""
+        grid, config = self.grid, self.config
+        kw, kh = self.kernel
+        pw, ph = grid.patch_width, grid.patch_height
+        window = Window(first * pw, row * ph, (last - first) * pw + kw, ph + kh)
+        bands: dict[str, np.ndarray] = {}
+        valid_all = None
+        reads = self._pool.map(_BandReader.read, self.readers, [window] * len(self.readers))
+        for reader, (values, valid) in zip(self.readers, reads, strict=True):
+            bands[reader.name] = values
+            valid_all = valid if valid_all is None else valid_all & valid
+        for name, expression in config.source.derived.items():
+            with np.errstate(all="ignore"):
+                derived = numexpr.evaluate(expression, local_dict=dict(bands)).astype(np.float32)
+            derived[~valid_all | ~np.isfinite(derived)] = np.float32(config.source.fill_value)
+            bands[name] = derived
+        patches = []
+        for col in range(first, last):
+            x0 = (col - first) * pw
+            patches.append(
+                (row * grid.patches_per_row + col, {n: v[:, x0 : x0 + pw + kw] for n, v in bands.items()})
+            )
+        return patches
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> RasterPatchReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class ExportResult:
     grid: Grid
@@ -140,43 +200,26 @@ def _blocks(grid: Grid) -> Iterator[tuple[int, int, int]]:
             yield row, first, min(in_row, first + per_block)
 
 
-def export_rasters(config: PipelineConfig, out_dir: Path) -> ExportResult:
-    """Write Earth Engine-layout shards, mixer and manifest for the configured rasters into ``out_dir``."""
+def plan_grid(config: PipelineConfig) -> tuple[Grid, TargetRegion]:
+    """The patch grid covering the configured region (metadata reads only)."""
     region = target_region(config)
     grid = Grid.covering(region.crs, region.transform, region.width, region.height, config.grid.patch_size)
+    return grid, region
+
+
+def export_rasters(config: PipelineConfig, out_dir: Path) -> ExportResult:
+    """Write Earth Engine-layout shards, mixer and manifest for the configured rasters into ``out_dir``."""
+    grid, region = plan_grid(config)
     kernel = config.grid.kernel_size
-    kw, kh = kernel
-    pw, ph = grid.patch_width, grid.patch_height
     writer = ShardedWriter(
         out_dir, config.export.prefix, config.export.max_file_size, config.export.compression_level
     )
     with ExitStack() as stack:
         stack.callback(writer.close)
-        readers: list[_BandReader] = []
-        for name in config.source.bands:
-            readers.append(_BandReader(config, name, grid, kernel))
-            stack.callback(readers[-1].close)
-        # GDAL releases the GIL while it reads and warps: read the bands of a strip in parallel.
-        pool = ThreadPoolExecutor(max_workers=min(len(readers), os.cpu_count() or 1))
-        stack.callback(pool.shutdown)
+        reader = stack.enter_context(RasterPatchReader(config, grid, kernel))
         progress = stack.enter_context(Progress("export", grid.total_patches))
-        for row, first, last in _blocks(grid):
-            window = Window(first * pw, row * ph, (last - first) * pw + kw, ph + kh)
-            bands: dict[str, np.ndarray] = {}
-            valid_all = None
-            reads = pool.map(_BandReader.read, readers, [window] * len(readers))
-            for reader, (values, valid) in zip(readers, reads, strict=True):
-                bands[reader.name] = values
-                valid_all = valid if valid_all is None else valid_all & valid
-            for name, expression in config.source.derived.items():
-                with np.errstate(all="ignore"):
-                    derived = numexpr.evaluate(expression, local_dict=dict(bands)).astype(np.float32)
-                fill = np.float32(config.source.fill_value)
-                derived[~valid_all | ~np.isfinite(derived)] = fill
-                bands[name] = derived
-            for col in range(first, last):
-                x0 = (col - first) * pw
-                patch = {name: values[:, x0 : x0 + pw + kw] for name, values in bands.items()}
+        for block in _blocks(grid):
+            for _, patch in reader.read_block(*block):
                 writer.write(encode_example(patch))
                 progress.advance()
     grid.write_mixer(mixer_path(out_dir, config.export.prefix))
@@ -189,3 +232,58 @@ def export_rasters(config: PipelineConfig, out_dir: Path) -> ExportResult:
     )
     manifest.write(manifest_path(out_dir, config.export.prefix))
     return ExportResult(grid, manifest, writer.paths)
+
+
+class _ReadTilePatches(beam.DoFn):
+    """Tile number → (PatchKey, {band: patch}) for every patch of the tile, read on the worker.
+
+    The next block of patches is read in a background thread while the current one flows on to
+    the model, so reading overlaps the model on one machine (both release the GIL).
+    """
+
+    def __init__(self, config: PipelineConfig, grid: Grid, tiling: Tiling) -> None:
+        self.config = config
+        self.grid = grid
+        self.tiling = tiling
+        self.patches_read = beam.metrics.Metrics.counter(NAMESPACE, "patches_read")
+
+    def setup(self) -> None:
+        self._reader = RasterPatchReader(self.config, self.grid, self.config.grid.kernel_size)
+        self._ahead = ThreadPoolExecutor(max_workers=1)
+
+    def process(self, tile: int) -> Iterator[tuple[PatchKey, dict[str, np.ndarray]]]:
+        blocks = self.tiling.patch_rows(tile)
+        pending = self._ahead.submit(self._reader.read_block, *blocks[0]) if blocks else None
+        for number in range(len(blocks)):
+            patches = pending.result()
+            if number + 1 < len(blocks):
+                pending = self._ahead.submit(self._reader.read_block, *blocks[number + 1])
+            for index, patch in patches:
+                self.patches_read.inc()
+                yield PatchKey(index, 0, index), patch
+
+    def teardown(self) -> None:
+        self._ahead.shutdown()
+        self._reader.close()
+
+
+class ReadRasterPatches(beam.PTransform):
+    """The patches of the given tiles, read from the configured rasters by the workers.
+
+    Tile numbers are the unit of work: with ``reshuffle`` they are spread over the runner's workers
+    first, and every patch of a tile stays on the worker that read it (no patch is shuffled).
+    """
+
+    def __init__(self, config: PipelineConfig, grid: Grid, tiling: Tiling, tiles: list[int], reshuffle: bool):
+        super().__init__()
+        self.config, self.grid, self.tiling, self.tiles, self.reshuffle = (
+            config,
+            grid,
+            tiling,
+            tiles,
+            reshuffle,
+        )
+
+    def expand(self, pipeline: beam.pvalue.PBegin) -> beam.PCollection:
+        tiles = pipeline | "Tiles" >> beam.Create(self.tiles, reshuffle=self.reshuffle)
+        return tiles | "ReadTilePatches" >> beam.ParDo(_ReadTilePatches(self.config, self.grid, self.tiling))

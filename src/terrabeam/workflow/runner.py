@@ -20,7 +20,7 @@ from terrabeam.errors import TerrabeamError, TransientError, WorkspaceError
 from terrabeam.workflow import steps
 from terrabeam.workflow.state import RunRecord, RunState
 from terrabeam.workflow.tasks import LocalTask, RunContext, StepTask, start_and_poll, task_for
-from terrabeam.workspace import STEPS, Workspace, new_run_id
+from terrabeam.workspace import Workspace, new_run_id
 
 log = logging.getLogger("terrabeam.workflow")
 
@@ -153,7 +153,12 @@ class Runner:
         if record is None:
             new_id = run_id or new_run_id(self.root)
             state.create_run(
-                new_id, config.name, config.fingerprint(), window, list(STEPS), str(config.source_path or "")
+                new_id,
+                config.name,
+                config.fingerprint(),
+                window,
+                steps.run_steps(config),
+                str(config.source_path or ""),
             )
             record = state.get_run(new_id)
         assert record is not None

@@ -1,4 +1,6 @@
-"""The three steps (export → predict → deliver) and a whole run with its JSON summary.
+"""The steps of a run and its JSON summary: a raster-sourced run is one step (map: rasters → model
+→ map tiles in one Beam pipeline); otherwise export → predict → deliver with Earth Engine-layout
+files between them.
 
 Each step reads the previous step's published folder in the run workspace and publishes its own
 folder whole, so any step can be re-run alone.
@@ -21,16 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import apache_beam as beam
 import rasterio
 
 from terrabeam.config import PipelineConfig
 from terrabeam.errors import ConfigError
-from terrabeam.layout import ExportManifest, manifest_path
+from terrabeam.grid import Grid
+from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path
+from terrabeam.predict.io import DecodeRecord, ReadKeyedRecords
 from terrabeam.predict.models import probe_model
-from terrabeam.predict.pipeline import RemoteIO, run_predict
+from terrabeam.predict.pipeline import PredictPatches, RemoteIO, prediction_bands, run_predict
 from terrabeam.progress import Progress
-from terrabeam.sinks.geotiff import deliver_geotiff
-from terrabeam.sources.raster import export_rasters
+from terrabeam.sources.raster import ReadRasterPatches, export_rasters, plan_grid
+from terrabeam.tiling import Tiling
+from terrabeam.workflow.maps import write_map
 from terrabeam.workspace import Workspace
 
 GDAL_CACHE_BYTES = 64 * 2**20
@@ -142,6 +148,7 @@ def remote_io(config: PipelineConfig, workspace: Workspace) -> RemoteIO | None:
         export=workspace.remote_step("export"),
         work=f"{workspace.remote}/{workspace.run_id}/.predict.work",
         model=model,
+        tiles=f"{workspace.remote}/{workspace.run_id}/.deliver.work/tiles",
     )
 
 
@@ -192,15 +199,87 @@ def _match_work_to(work: Path, export_dir: Path, config: PipelineConfig) -> None
         stamp.write_text(source)
 
 
-def deliver_step(config: PipelineConfig, workspace: Workspace) -> StepReport:
-    start = time.perf_counter()
+def map_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[str] = ()) -> StepReport:
+    """A raster-sourced run in one Beam pipeline: the workers read the rasters' windows, run the
+    model and write map tiles; nothing is materialised between (the model was probed before)."""
+    grid, region = plan_grid(config)
+    tiling = Tiling.for_grid(grid, region.width, region.height, config.outputs.tile_size)
+    kw, kh = config.grid.kernel_size
+    remote = remote_io(config, workspace)
+    model_path = remote.model if remote else config.locate(config.model.path)
+    inputs = "\n".join(config.locate(band.path) for band in config.source.bands.values())
+
+    def source(pipeline: beam.Pipeline, tiles: list[int], spread: bool) -> beam.PCollection:
+        return (
+            pipeline
+            | "ReadRasterPatches" >> ReadRasterPatches(config, grid, tiling, tiles, spread)
+            | "Predict" >> PredictPatches(config, model_path, grid, (kw // 2, kh // 2))
+        )
+
+    with gdal_env():
+        result = write_map(
+            config,
+            workspace,
+            tiling,
+            prediction_bands(config),
+            source,
+            inputs,
+            beam_args,
+            remote_tiles=remote.tiles if remote else None,
+            with_records=config.outputs.tfrecord,
+        )
+    return StepReport("map", result.seconds, result.details(workspace.step_location("deliver")))
+
+
+def deliver_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[str] = ()) -> StepReport:
+    """Prediction shards → map tiles and mosaic, through the same sink as a one-pipeline run."""
     predict_dir = workspace.require_step("predict")
-    with workspace.staging("deliver") as staging, gdal_env():
-        outputs = deliver_geotiff(config, predict_dir, staging)
-    final = workspace.step_location("deliver")
-    return StepReport(
-        "deliver", time.perf_counter() - start, {"outputs": [f"{final}/{p.name}" for p in outputs]}
-    )
+    prefix = config.predict.prefix
+    grid = Grid.read_mixer(mixer_path(predict_dir, prefix))
+    manifest = ExportManifest.read(manifest_path(predict_dir, prefix))
+    shards = list_shards(predict_dir, prefix)
+    tiling = Tiling.for_grid(grid, manifest.region_width, manifest.region_height, config.outputs.tile_size)
+    offsets = [sum(manifest.shard_records[:i]) for i in range(len(shards))]
+    digest = hashlib.sha256()
+    for path in sorted(predict_dir.glob("*.json")):
+        digest.update(path.read_bytes())
+
+    def source(pipeline: beam.Pipeline, tiles: list[int], spread: bool) -> beam.PCollection:
+        wanted = set(tiles)
+        return (
+            pipeline
+            | "Shards" >> beam.Create(list(enumerate(map(str, shards))), reshuffle=spread)
+            | "ReadKeyedRecords" >> beam.ParDo(ReadKeyedRecords(offsets))
+            | "OnlyTilesToDo" >> beam.Filter(lambda kv: tiling.tile_of(kv[0].index) in wanted)
+            | "DecodeRecord"
+            >> beam.ParDo(
+                DecodeRecord(list(map(str, shards)), manifest.bands, (grid.patch_height, grid.patch_width))
+            )
+        )
+
+    with gdal_env():
+        result = write_map(
+            config,
+            workspace,
+            tiling,
+            manifest.bands,
+            source,
+            digest.hexdigest(),
+            beam_args,
+            group_by_tile=True,
+        )
+    return StepReport("deliver", result.seconds, result.details(workspace.step_location("deliver")))
+
+
+def one_pipeline(config: PipelineConfig) -> bool:
+    """A raster source with file outputs runs as one pipeline (the map step); an Earth Engine source
+    or sink keeps export → predict → deliver with the interchange files between."""
+    return config.source.kind == "raster" and config.outputs.earthengine is None
+
+
+def run_steps(config: PipelineConfig) -> list[str]:
+    """The steps a run of ``config`` executes, in order."""
+    return ["map"] if one_pipeline(config) else ["export", "predict", "deliver"]
 
 
 def validate_before_run(config: PipelineConfig) -> None:
@@ -214,20 +293,21 @@ def write_summary(config: PipelineConfig, workspace: Workspace, reports: list[St
     """``<run>/summary.json``: patches, pixels, seconds per step, Mpx/s and outputs (written atomically)."""
     by_name = {r.name: r for r in reports}
     total = sum(r.seconds for r in reports)
-    export = by_name.get("export")
-    region = export.details["region_pixels"] if export else None
-    predict = by_name.get("predict")
+    planned = by_name.get("map") or by_name.get("export")  # the steps that know the region
+    region = planned.details["region_pixels"] if planned else None
+    counted = by_name.get("map") or by_name.get("predict")
+    delivered = by_name.get("map") or by_name.get("deliver")
     summary = {
         "pipeline": config.name,
         "run": workspace.run_id,
         "config_hash": config.fingerprint(),
-        "patches": predict.details["patches"] if predict else None,
+        "patches": counted.details["patches"] if counted else None,
         "region_pixels": region,
         "pixels": region[0] * region[1] if region else None,
         "seconds": {r.name: round(r.seconds, 3) for r in reports} | {"total": round(total, 3)},
         "mpx_per_second": round(region[0] * region[1] / total / 1e6, 4) if region and total else None,
         "steps": {r.name: r.details for r in reports},
-        "outputs": by_name["deliver"].details["outputs"] if "deliver" in by_name else [],
+        "outputs": delivered.details["outputs"] if delivered else [],
     }
     path = workspace.run_dir / "summary.json"
     partial = path.with_name(".summary.json.partial")
@@ -242,7 +322,8 @@ def write_summary(config: PipelineConfig, workspace: Workspace, reports: list[St
 LOCAL_STEPS = {
     "export": lambda config, workspace, beam_args: export_step(config, workspace),
     "predict": lambda config, workspace, beam_args: predict_step(config, workspace, beam_args, probe=False),
-    "deliver": lambda config, workspace, beam_args: deliver_step(config, workspace),
+    "deliver": lambda config, workspace, beam_args: deliver_step(config, workspace, beam_args),
+    "map": lambda config, workspace, beam_args: map_step(config, workspace, beam_args),
 }
 
 

@@ -1,0 +1,331 @@
+"""The map sink: prediction bands of keyed patches → one Cloud-Optimized GeoTIFF per tile and layer.
+
+A tile's patches are written into uncompressed scratch GeoTIFFs (memory holds one patch, not the
+tile) and, once the tile's last patch is in, each layer becomes a COG through GDAL's COG driver,
+published atomically: renamed into place in a folder, or uploaded whole to an object store (an
+object appears only complete). A tile is done when every layer's file exists; a resumed run keeps
+done tiles and writes the others again, byte for byte the same.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+import rasterio
+import rasterio.shutil
+from affine import Affine
+from rasterio.features import geometry_mask
+from rasterio.windows import Window
+
+from terrabeam import NAMESPACE
+from terrabeam.config import PipelineConfig
+from terrabeam.errors import InputError, RecordCountError
+from terrabeam.grid import PatchKey
+from terrabeam.tfrecord import RecordWriter, encode_example
+from terrabeam.tiling import Tiling
+
+CLASS_NODATA = 255
+SCRATCH_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class MapLayer:
+    """One map file: which prediction bands go into it, as what type."""
+
+    stem: str
+    bands: list[str]
+    dtype: str
+    nodata: float
+    resampling: str
+    descriptions: list[str]
+
+
+def map_layers(config: PipelineConfig, bands: Sequence[str]) -> list[MapLayer]:
+    """The layers deliver writes for prediction ``bands``: classes (+ probabilities), or values."""
+    if "class" not in bands:  # regression: one file with a band per output
+        model = config.model
+        nodata = model.regression_nodata if model.regression_nodata is not None else float("nan")
+        resampling = "average" if model.regression_dtype.startswith("float") else "nearest"
+        return [MapLayer("values", list(bands), model.regression_dtype, nodata, resampling, list(bands))]
+    classes = [band.removeprefix("prob_") for band in bands if band.startswith("prob_")]
+    layers = [MapLayer("classes", ["class"], "uint8", CLASS_NODATA, "mode", ["class"])]
+    if config.outputs.probabilities:
+        prob_bands = [f"prob_{c}" for c in classes]
+        layers.append(MapLayer("probabilities", prob_bands, "float32", float("nan"), "average", classes))
+    return layers
+
+
+def tile_file_name(stem: str, layer: MapLayer, tiling: Tiling, tile: int) -> str:
+    return f"{stem}-{layer.stem}-{tiling.name(tile)}.tif"
+
+
+def records_file_name(stem: str, tiling: Tiling, tile: int) -> str:
+    """A tile's prediction records (plain TFRecord, tile order), kept until the shards are assembled."""
+    return f"{stem}-records-{tiling.name(tile)}.tfrecord"
+
+
+def cog_options(layer: MapLayer, compression: str, level: int | None) -> dict[str, str]:
+    """GDAL COG driver options: the codec, 512 px blocks, overviews resampled as the layer needs,
+    compression on every core."""
+    options = {
+        "COMPRESS": compression.upper(),
+        "BLOCKSIZE": "512",
+        "OVERVIEW_RESAMPLING": layer.resampling.upper(),
+        "NUM_THREADS": "ALL_CPUS",
+    }
+    if level is None and compression == "zstd":
+        level = 1
+    if level is not None and compression in ("zstd", "deflate"):
+        options["LEVEL"] = str(level)
+    return options
+
+
+def _as_dtype(values: np.ndarray, layer: MapLayer) -> np.ndarray:
+    """Prediction values in the layer's type: masked (NaN) pixels become its nodata, integers rounded."""
+    if np.issubdtype(np.dtype(layer.dtype), np.floating):
+        return values.astype(layer.dtype, copy=False)
+    info = np.iinfo(layer.dtype)
+    rounded = np.clip(np.rint(values), info.min, info.max)
+    return np.where(np.isnan(values), layer.nodata, rounded).astype(layer.dtype)
+
+
+class _TileFile:
+    """The scratch files of one tile being written, one per layer, turned into COGs when complete."""
+
+    def __init__(self, sink: WriteMapTiles, tile: int) -> None:
+        self.sink = sink
+        self.tile = tile
+        self.window = sink.tiling.window(tile)
+        self.expected = len(sink.tiling.patches(tile))
+        self.written = 0
+        self.scratch = Path(tempfile.mkdtemp(prefix="terrabeam-tile-", dir=sink.scratch_root()))
+        grid = sink.tiling.grid
+        transform = grid.transform @ Affine.translation(self.window.col_off, self.window.row_off)
+        self.files = {}
+        for layer in sink.layers:
+            self.files[layer.stem] = rasterio.open(
+                self.scratch / f"{layer.stem}.tif",
+                "w",
+                driver="GTiff",
+                width=self.window.width,
+                height=self.window.height,
+                count=len(layer.bands),
+                dtype=layer.dtype,
+                nodata=layer.nodata,
+                crs=grid.crs,
+                transform=transform,
+                tiled=True,
+                blockxsize=SCRATCH_BLOCK,
+                blockysize=SCRATCH_BLOCK,
+            )
+        # With records: the tile's prediction records in tile order, for the interchange shards.
+        self.records = RecordWriter(self.scratch / "records.tfrecord", 0) if sink.with_records else None
+        self.order = sink.tiling.patches(tile)
+        self.pending: dict[int, bytes] = {}
+
+    def _add_record(self, index: int, features: dict[str, np.ndarray]) -> None:
+        """Write records in tile order, holding back any that arrive ahead of their turn."""
+        assert self.records is not None
+        self.pending[index] = encode_example(features)
+        while self.records.records < len(self.order) and self.order[self.records.records] in self.pending:
+            self.records.write(self.pending.pop(self.order[self.records.records]))
+
+    def add(self, key: PatchKey, features: dict[str, np.ndarray]) -> None:
+        """Write the part of a patch's core that lies in the region (and its record)."""
+        sink, grid = self.sink, self.sink.tiling.grid
+        if self.records is not None:
+            self._add_record(key.index, features)
+        window = grid.patch_window(key.index)
+        rows = min(window.height, sink.tiling.region_height - window.row_off)
+        cols = min(window.width, sink.tiling.region_width - window.col_off)
+        self.written += 1
+        if rows <= 0 or cols <= 0:
+            return  # a padding patch wholly outside the true region
+        target = Window(
+            window.col_off - self.window.col_off, window.row_off - self.window.row_off, cols, rows
+        )
+        outside = None
+        if sink.polygon is not None:
+            transform = grid.transform @ Affine.translation(window.col_off, window.row_off)
+            outside = geometry_mask([sink.polygon], out_shape=(rows, cols), transform=transform)
+            outside = outside if outside.any() else None
+        shape = (grid.patch_height, grid.patch_width)
+        for layer in sink.layers:
+            missing = [b for b in layer.bands if b not in features]
+            if missing:
+                raise InputError(
+                    f"patch {key.index}: prediction bands {missing} missing; has {sorted(features)}"
+                )
+            values = np.stack([np.asarray(features[b]).reshape(shape)[:rows, :cols] for b in layer.bands])
+            if outside is not None:  # NaN becomes each layer's nodata
+                values = values.astype(np.float32)
+                values[:, outside] = np.nan
+            self.files[layer.stem].write(_as_dtype(values, layer), window=target)
+
+    @property
+    def complete(self) -> bool:
+        return self.written == self.expected
+
+    def publish(self) -> int:
+        """Each layer's scratch file → COG under a temporary name → its final name; returns patches."""
+        sink = self.sink
+        for layer in sink.layers:
+            scratch = self.files[layer.stem]
+            scratch.descriptions = tuple(layer.descriptions)
+            scratch.update_tags(bands=",".join(layer.descriptions))
+            scratch.close()
+        try:
+            if self.records is not None:  # before the layers: a tile with all layers is done
+                self.records.close()
+                sink.publish_file(self.records.path, records_file_name(sink.stem, sink.tiling, self.tile))
+            for layer in sink.layers:
+                name = tile_file_name(sink.stem, layer, sink.tiling, self.tile)
+                partial = self.scratch / f"{name}.partial"
+                options = cog_options(layer, sink.compression, sink.compression_level)
+                rasterio.shutil.copy(self.scratch / f"{layer.stem}.tif", partial, driver="COG", **options)
+                sink.publish_file(partial, name)
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        return self.written
+
+    def discard(self) -> None:
+        for scratch in self.files.values():
+            scratch.close()
+        if self.records is not None:
+            self.records.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+class WriteMapTiles(beam.DoFn):
+    """(PatchKey, prediction bands) → the COGs of every tile, each written once its patches are in.
+
+    Patches of a tile normally arrive in one bundle (a tile is read by one task); ``grouped``
+    input, (tile, [(PatchKey, bands)]) after a GroupByKey, serves sources whose order differs.
+    """
+
+    def __init__(
+        self,
+        out_dir: str,
+        stem: str,
+        layers: Sequence[MapLayer],
+        tiling: Tiling,
+        polygon: dict | None,
+        compression: tuple[str, int | None],
+        grouped: bool = False,
+        with_records: bool = False,
+    ) -> None:
+        self.out_dir = out_dir
+        self.with_records = with_records
+        self.compression, self.compression_level = compression
+        self.stem = stem
+        self.layers = list(layers)
+        self.tiling = tiling
+        self.polygon = polygon
+        self.grouped = grouped
+        self.tiles_written = beam.metrics.Metrics.counter(NAMESPACE, "tiles_written")
+        self.patches_written = beam.metrics.Metrics.counter(NAMESPACE, "patches_written")
+        self._open: dict[int, _TileFile] = {}
+
+    def scratch_root(self) -> str | None:
+        """Scratch files beside the tiles in a local folder (so the final rename stays on one file
+        system), in the temporary folder for an object store."""
+        return None if "://" in self.out_dir else self.out_dir
+
+    def publish_file(self, partial: Path, name: str) -> None:
+        if "://" in self.out_dir:
+            from terrabeam.storage import copy_file
+
+            copy_file(str(partial), f"{self.out_dir.rstrip('/')}/{name}")
+        else:
+            os.replace(partial, Path(self.out_dir) / name)
+
+    def start_bundle(self) -> None:
+        self._open = {}
+
+    def process(self, element) -> None:
+        if self.grouped:
+            tile, patches = element
+            for key, features in sorted(patches, key=lambda kv: kv[0].index):
+                self._add(tile, key, features)
+            return
+        key, features = element
+        self._add(self.tiling.tile_of(key.index), key, features)
+
+    def _add(self, tile: int, key: PatchKey, features: dict[str, np.ndarray]) -> None:
+        file = self._open.get(tile)
+        if file is None:
+            file = self._open[tile] = _TileFile(self, tile)
+        file.add(key, features)
+        if file.complete:
+            self.patches_written.inc(file.publish())
+            self.tiles_written.inc()
+            del self._open[tile]
+
+    def finish_bundle(self) -> None:
+        incomplete = sorted(self._open)
+        for file in self._open.values():
+            file.discard()
+        self._open = {}
+        if incomplete:
+            raise RecordCountError(
+                f"tiles {incomplete[:5]} did not receive all their patches in one bundle; "
+                "group the patches by tile first (grouped=True)"
+            )
+
+    def teardown(self) -> None:
+        for file in self._open.values():
+            file.discard()
+
+
+class WriteMap(beam.PTransform):
+    """(PatchKey, prediction bands) → map tiles in ``out_dir`` (a folder or a URI); with
+    ``group_by_tile`` the patches of each tile are brought together first (for sources that spread
+    a tile's patches over bundles, e.g. shards in row-major order on several workers)."""
+
+    def __init__(
+        self,
+        out_dir: str,
+        stem: str,
+        layers: Sequence[MapLayer],
+        tiling: Tiling,
+        polygon: dict | None,
+        compression: tuple[str, int | None],
+        group_by_tile: bool,
+        with_records: bool = False,
+    ) -> None:
+        super().__init__()
+        self.sink = WriteMapTiles(
+            out_dir, stem, layers, tiling, polygon, compression, group_by_tile, with_records
+        )
+        self.group_by_tile = group_by_tile
+
+    def expand(self, predictions: beam.PCollection) -> beam.PCollection:
+        if not self.group_by_tile:
+            return predictions | "WriteMapTiles" >> beam.ParDo(self.sink)
+        tiling = self.sink.tiling
+        return (
+            predictions
+            | "KeyByTile" >> beam.Map(lambda kv: (tiling.tile_of(kv[0].index), kv))
+            | "GroupByTile" >> beam.GroupByKey()
+            | "WriteMapTiles" >> beam.ParDo(self.sink)
+        )
+
+
+def finished_tiles(
+    files: Iterable[str], stem: str, layers: Sequence[MapLayer], tiling: Tiling, with_records: bool
+) -> set[int]:
+    """Tiles all of whose files are among ``files`` (names in the tiles folder)."""
+    present = set(files)
+    return {
+        tile
+        for tile in range(tiling.count)
+        if all(tile_file_name(stem, layer, tiling, tile) in present for layer in layers)
+        and (not with_records or records_file_name(stem, tiling, tile) in present)
+    }

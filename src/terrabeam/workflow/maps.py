@@ -1,0 +1,247 @@
+"""Writing a map: a Beam pipeline from any patch source to map tiles, then the mosaic, published as
+the run's ``deliver/`` folder.
+
+Tiles land in the run's hidden work folder (``.deliver.work/tiles/``) as they are finished, so an
+interrupted run keeps them; the pipeline of a resumed run covers only the tiles still missing. Once
+every tile is there, the mosaic (VRT, single COG, quicklook) is made here, where the run was
+launched, and the folder is published whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from terrabeam import NAMESPACE
+from terrabeam.config import PipelineConfig
+from terrabeam.errors import RecordCountError
+from terrabeam.layout import ExportManifest, manifest_path, mixer_path, shard_name
+from terrabeam.predict.pipeline import pipeline_flags
+from terrabeam.progress import Progress
+from terrabeam.region import projected_geometry
+from terrabeam.sinks.mosaic import TILES_FOLDER, class_colors, write_quicklook, write_single_cog, write_vrt
+from terrabeam.sinks.shards import AssembleShard, records_per_shard, shard_ranges
+from terrabeam.sinks.tiles import (
+    MapLayer,
+    WriteMap,
+    finished_tiles,
+    map_layers,
+    records_file_name,
+    tile_file_name,
+)
+from terrabeam.tiling import Tiling
+from terrabeam.workspace import Workspace
+
+# (pipeline, tiles to do, spread over workers?) → PCollection of (PatchKey, prediction bands)
+PatchSource = Callable[[beam.Pipeline, list[int], bool], beam.PCollection]
+
+
+@dataclass(frozen=True)
+class MapResult:
+    tiling: Tiling
+    layers: list[MapLayer]
+    tiles_reused: int
+    outputs: list[Path]
+    seconds: float
+
+    def details(self, location: str) -> dict[str, Any]:
+        grid = self.tiling.grid
+        return {
+            "patches": grid.total_patches,
+            "tiles": self.tiling.count,
+            "tiles_reused": self.tiles_reused,
+            "region_pixels": [self.tiling.region_width, self.tiling.region_height],
+            "outputs": [f"{location}/{p.name}" for p in self.outputs],
+        }
+
+
+def _match_work(work: Path, identity: str) -> None:
+    """Empty the work folder if it was made for another config or input (its ``.source`` stamp)."""
+    stamp = work / ".source"
+    if stamp.exists() and stamp.read_text() == identity:
+        return
+    for path in sorted(work.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    stamp.write_text(identity)
+
+
+@contextmanager
+def _tile_progress(tiles_dir: Path, pattern: re.Pattern[str], total: int, done: int) -> Iterator[None]:
+    """Report progress as tiles are published (the runner may be anywhere; the files are the truth)."""
+    stop = threading.Event()
+
+    def watch(progress: Progress) -> None:
+        while True:
+            finished = stop.wait(0.5)
+            count = sum(1 for p in tiles_dir.iterdir() if pattern.match(p.name)) if tiles_dir.is_dir() else 0
+            if count > progress.done:
+                progress.advance(count - progress.done)
+            if finished:
+                return
+
+    with Progress("tiles", total) as progress:
+        progress.advance(done)
+        watcher = threading.Thread(target=watch, args=(progress,), daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
+
+
+def write_map(
+    config: PipelineConfig,
+    workspace: Workspace,
+    tiling: Tiling,
+    bands: Sequence[str],
+    source: PatchSource,
+    identity: str,
+    beam_args: Sequence[str] = (),
+    remote_tiles: str | None = None,
+    group_by_tile: bool = False,
+    with_records: bool = False,
+) -> MapResult:
+    """Run ``source`` → map tiles for the tiles not yet written, then the mosaic; publish ``deliver/``.
+
+    ``identity`` names what the tiles are made from (config, inputs): a work folder made from
+    anything else is emptied first. With ``remote_tiles`` (a URI) the workers write tiles there and
+    they are fetched for the mosaic. ``group_by_tile``: the source spreads a tile's patches over
+    bundles when its records are spread over workers. ``with_records``: also Earth Engine-layout
+    prediction shards + mixer + manifest, assembled from the tiles' records by a second pipeline.
+    """
+    start = time.perf_counter()
+    stem = config.name
+    layers = map_layers(config, bands)
+    flags = pipeline_flags(config, beam_args)
+    spread = config.predict.should_reshuffle(flags)
+    work = workspace.work_dir("deliver")
+    _match_work(work, hashlib.sha256(f"{config.fingerprint()}\n{identity}".encode()).hexdigest())
+    tiles_dir = work / TILES_FOLDER
+    tiles_dir.mkdir(exist_ok=True)
+    for partial in tiles_dir.glob("*.partial"):
+        partial.unlink()
+    from terrabeam import storage
+
+    names = [Path(p).name for p, _ in storage.list_files(f"{remote_tiles}/")] if remote_tiles else []
+    names += [p.name for p in tiles_dir.iterdir()]
+    done = finished_tiles(names, stem, layers, tiling, with_records)
+    todo = [tile for tile in range(tiling.count) if tile not in done]
+    if todo:
+        pipeline = beam.Pipeline(options=PipelineOptions(flags))
+        predictions = source(pipeline, todo, spread)
+        target = remote_tiles or str(tiles_dir)
+        polygon = projected_geometry(config, tiling.grid.crs)
+        compression = (config.outputs.compression, config.outputs.compression_level)
+        _ = predictions | "WriteMap" >> WriteMap(
+            target, stem, layers, tiling, polygon, compression, group_by_tile and spread, with_records
+        )
+        pattern = re.compile(rf"^{re.escape(stem)}-{re.escape(layers[-1].stem)}-r\d+c\d+\.tif$")
+        with _tile_progress(tiles_dir, pattern, tiling.count, len(done)):
+            result = pipeline.run()
+            result.wait_until_finish()
+        counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+        written = sum(c.committed or c.attempted for c in counters if c.key.metric.name == "tiles_written")
+        if written != len(todo):
+            raise RecordCountError(f"map: {len(todo)} tiles to write, but the pipeline wrote {written}")
+    if remote_tiles:
+        _fetch_tiles(remote_tiles, tiles_dir, stem, layers, tiling)
+    outputs = _mosaic(config, work, tiling, layers)
+    if with_records:
+        outputs += _assemble_shards(config, work, tiling, bands, flags, remote_tiles)
+    (work / ".source").unlink()
+    workspace.publish(work, "deliver")
+    return MapResult(tiling, layers, len(done), outputs, time.perf_counter() - start)
+
+
+def _assemble_shards(
+    config: PipelineConfig,
+    work: Path,
+    tiling: Tiling,
+    bands: Sequence[str],
+    flags: Sequence[str],
+    remote_tiles: str | None,
+) -> list[Path]:
+    """Prediction shards in grid order from the tiles' records (shards already there are kept), the
+    mixer and manifest beside them; then the records files go."""
+    stem, prefix = config.name, config.predict.prefix
+    level = config.predict.compression_level
+    per_shard = records_per_shard(tiling, bands, config.export.max_file_size)
+    ranges = shard_ranges(tiling.grid.total_patches, per_shard)
+    names = [shard_name(prefix, i, level > 0) for i in range(len(ranges))]
+    todo = [i for i, name in enumerate(names) if not (work / name).exists()]
+    remote_out = remote_tiles.rsplit("/", 1)[0] if remote_tiles else None
+    if todo:
+        pipeline = beam.Pipeline(options=PipelineOptions(flags))
+        tiles_dir = remote_tiles or str(work / TILES_FOLDER)
+        _ = (
+            pipeline
+            | "Shards" >> beam.Create([(i, ranges[i]) for i in todo])
+            | "AssembleShard"
+            >> beam.ParDo(AssembleShard(tiles_dir, stem, tiling, names, remote_out or str(work), level))
+        )
+        pipeline.run().wait_until_finish()
+        if remote_out:
+            from terrabeam.storage import copy_file
+
+            for i in todo:
+                copy_file(f"{remote_out}/{names[i]}", str(work / names[i]))
+    tiling.grid.write_mixer(mixer_path(work, prefix))
+    ExportManifest(
+        kernel_size=[0, 0],
+        region_width=tiling.region_width,
+        region_height=tiling.region_height,
+        bands=list(bands),
+        shard_records=[stop - first for first, stop in ranges],
+    ).write(manifest_path(work, prefix))
+    for tile in range(tiling.count):
+        (work / TILES_FOLDER / records_file_name(stem, tiling, tile)).unlink(missing_ok=True)
+    return [work / name for name in names] + [mixer_path(work, prefix), manifest_path(work, prefix)]
+
+
+def _fetch_tiles(remote: str, tiles_dir: Path, stem: str, layers: list[MapLayer], tiling: Tiling) -> None:
+    from terrabeam.storage import copy_file
+
+    for tile in range(tiling.count):
+        for layer in layers:
+            name = tile_file_name(stem, layer, tiling, tile)
+            if not (tiles_dir / name).exists():
+                copy_file(f"{remote}/{name}", str(tiles_dir / name))
+
+
+def _mosaic(config: PipelineConfig, work: Path, tiling: Tiling, layers: list[MapLayer]) -> list[Path]:
+    """VRT per layer, one COG per layer if the region is small enough, the quicklook."""
+    outputs = config.outputs
+    stem = config.name
+    single = tiling.region_width * tiling.region_height <= outputs.single_file_max_pixels
+    written: list[Path] = []
+    class_map = None
+    for layer in layers:
+        vrt = write_vrt(work / f"{stem}-{layer.stem}.vrt", stem, layer, tiling)
+        if layer.stem == "classes":
+            class_map = vrt
+            if not outputs.class_map:
+                continue
+        written.append(vrt)
+        if single:
+            compression = (outputs.compression, outputs.compression_level)
+            written.append(
+                write_single_cog(vrt, work / f"{stem}-{layer.stem}.tif", stem, layer, tiling, compression)
+            )
+    if outputs.quicklook and class_map is not None:
+        classes = list(config.model.output_names)
+        path = work / f"{stem}-quicklook.png"
+        write_quicklook(class_map, path, classes, class_colors(classes, outputs.colors))
+        written.append(path)
+    return written
