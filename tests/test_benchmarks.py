@@ -26,5 +26,6 @@ def test_naive_baseline_computes_the_same_map(tmp_path, demo_data):
         agreement = (naive.read(1) == ours.read(1)).mean()
     assert agreement > 0.99  # resampling at the scene's edge differs slightly between the two readers
 
-    io_seconds, records = io_bound(config, tmp_path / "ws" / "r" / "export", tmp_path / "io")
+    assert main(["export", str(config_path), "--run", "e"]) == 0  # a run writes no interchange files
+    io_seconds, records = io_bound(config, tmp_path / "ws" / "e" / "export", tmp_path / "io")
     assert records == 8 and io_seconds > 0
