@@ -200,10 +200,19 @@ class Region(_Strict):
         return self
 
 
+Align = Literal["source", "origin"] | tuple[float, float]
+
+
 class GridConfig(_Strict):
     crs: str | None = Field(None, description="target CRS (default: the first band's)")
     resolution: float | tuple[float, float] | None = Field(
         None, description="pixel size in CRS units, or [x, y] (default: the first band's)"
+    )
+    align: Align | None = Field(
+        None,
+        description="where pixel edges lie: source (the first band's; default for raster sources), "
+        "origin (multiples of the resolution from the CRS origin; default for earthengine), or [x0, y0] "
+        "a point every pixel edge lines up with",
     )
     region: Region = Region()
     patch_size: tuple[int, int] = Field((256, 256), description="core patch [width, height]")
@@ -558,6 +567,11 @@ class PipelineConfig(_Strict):
                 missing.append("region")
             if missing:
                 raise ValueError(f"an earthengine source needs grid.{', grid.'.join(missing)}")
+            if self.grid.align == "source":
+                raise ValueError(
+                    "grid.align: source means the first band's pixel edges, and an earthengine source "
+                    "has no band file; use origin (the default: what crsTransform expects) or [x0, y0]"
+                )
         unknown = sorted(set(self.outputs.colors) - set(self.model.classes or []))
         if unknown:
             raise ValueError(f"outputs.colors names {unknown}, not in model.classes {self.model.classes}")

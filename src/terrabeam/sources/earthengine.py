@@ -23,7 +23,7 @@ from terrabeam.earthengine import EarthEngineError, connect, request_id
 from terrabeam.errors import ConfigError, GridMismatchError, InputError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path
-from terrabeam.region import TargetRegion, region_bounds, region_geometry, snap
+from terrabeam.region import TargetRegion, anchor, region_bounds, region_geometry, snap
 from terrabeam.storage import copy_file, join, list_files
 from terrabeam.tfrecord import count_records
 
@@ -37,12 +37,14 @@ S2_QA60_BITS = (1 << 10) | (1 << 11)
 
 
 def export_grid(config: PipelineConfig) -> tuple[Grid, TargetRegion]:
-    """The patch grid (padded) and the true region, from ``grid.crs``, ``resolution`` and ``region``."""
+    """The patch grid (padded) and the true region, from ``grid.crs``, ``resolution``, ``region`` and
+    ``align`` (multiples of the resolution unless an explicit ``[x0, y0]``: there is no band file whose
+    edges ``source`` could mean)."""
     grid_config = config.grid
     crs = CRS.from_user_input(grid_config.crs)
     resolution = grid_config.resolution
     res = resolution if isinstance(resolution, tuple) else (resolution, resolution)
-    region = snap(crs, res, region_bounds(config, crs))
+    region = snap(crs, res, region_bounds(config, crs), anchor(grid_config.align or "origin", None))
     grid = Grid.covering(region.crs, region.transform, region.width, region.height, grid_config.patch_size)
     return grid, region
 
