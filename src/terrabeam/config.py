@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numexpr
+import rasterio
 import yaml
 from pydantic import (
     BaseModel,
@@ -26,6 +27,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from rasterio.crs import CRS
+from rasterio.errors import CRSError
 
 from terrabeam.errors import ConfigError
 
@@ -232,6 +235,19 @@ class GridConfig(_Strict):
     def _even_kernel(cls, value: tuple[int, int]) -> tuple[int, int]:
         if min(value) < 0 or any(k % 2 for k in value):
             raise ValueError(f"kernel_size {list(value)} must be even and ≥ 0 (half goes on each side)")
+        return value
+
+    @field_validator("crs")
+    @classmethod
+    def _known_crs(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                with rasterio.Env():  # PROJ's complaint goes to logging, not straight to stderr
+                    CRS.from_user_input(value)
+            except CRSError:
+                raise ValueError(
+                    f"{value} is not a known CRS; give an EPSG code (EPSG:32633), a PROJ string or WKT"
+                ) from None
         return value
 
     @field_validator("resolution")
@@ -613,6 +629,9 @@ def _format_errors(source: str, error: ValidationError) -> str:
         location = ".".join(parts) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         value = item.get("input")
+        if isinstance(value, str) and value and message.startswith(value):
+            lines.append(f"  {location}: {message}")  # a sentence about the value: no need to repeat it
+            continue
         shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{…}"
         if len(shown) > 80:
             shown = shown[:77] + "..."

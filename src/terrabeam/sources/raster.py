@@ -66,8 +66,8 @@ def check_overlap(ds: rasterio.DatasetReader, name: str, grid: Grid) -> None:
         src_bounds[0] < right and src_bounds[2] > left and src_bounds[1] < top and src_bounds[3] > bottom
     ):
         raise GridMismatchError(
-            f"source.bands.{name}.path: {ds.name}: its extent {tuple(round(v, 3) for v in src_bounds)} in "
-            f"{grid.crs} does not overlap the region {(left, bottom, right, top)}; check grid.crs and grid.region"
+            f"source.bands.{name}.path: {ds.name} (extent {tuple(round(v, 3) for v in src_bounds)} in "
+            f"{grid.crs}) does not overlap the region {(left, bottom, right, top)}; check grid.crs and grid.region"
         )
 
 
