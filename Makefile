@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bench]'
 	touch $(STAMP)
 
-$(DATA): examples/demo-data.txt | $(STAMP)
+$(DATA): examples/demo-data.txt examples/fetch_demo_data.py | $(STAMP)  # refetches when either changes
 	$(PY) examples/fetch_demo_data.py data/demo
 
 demo: $(STAMP) $(DATA)  ## fetch the real scene + model, run export → predict → deliver

@@ -11,6 +11,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 import yaml
 from apache_beam.io.tfrecordio import _TFRecordUtil
 from onnx import TensorProto, helper, numpy_helper
@@ -109,3 +110,72 @@ def test_an_export_with_its_mixer_elsewhere_reads_with_export_mixer(tmp_path, ex
     assert main(["predict", str(config), "--run", "ee"]) == 0
     shards = list_shards(tmp_path / "ws" / "ee" / "predict", "predictions")
     assert [sum(1 for _ in read_records(s)) for s in shards] == [3, 2, 2]
+
+
+def _export_as_earth_engine_names_it(folder, example_pb2, patches, shard_names, mixer_name):
+    """``patches`` split evenly over ``shard_names`` (in order), written with the protoc classes."""
+    folder.mkdir(parents=True)
+    per_shard = -(-len(patches) // len(shard_names))
+    for number, name in enumerate(shard_names):
+        buffer = io.BytesIO()
+        for patch in patches[number * per_shard : (number + 1) * per_shard]:
+            example = example_pb2.Example()
+            for band, values in zip(("B4", "B8"), patch, strict=True):
+                example.features.feature[band].float_list.value.extend(values.ravel().tolist())
+            _TFRecordUtil.write_record(buffer, example.SerializeToString())
+        (folder / name).write_bytes(gzip.compress(buffer.getvalue()))
+    mixer = {
+        "projection": {
+            "crs": "EPSG:32633",
+            "affine": {"doubleMatrix": [10.0, 0.0, 400000.0, 0.0, -10.0, 5600000.0]},
+        },
+        "patchDimensions": [W, H],
+        "patchesPerRow": PER_ROW,
+        "totalPatches": len(patches),
+    }
+    (folder / mixer_name).write_text(json.dumps(mixer))
+
+
+@pytest.mark.parametrize(
+    ("shard_names", "mixer_name"),
+    [
+        (["image_2021.tfrecord.gz"], "image_2021.json"),  # a single-file export
+        (["l9-00000.tfrecord.gz", "l9-00001.tfrecord.gz"], "l9mixer.json"),
+    ],
+)
+def test_an_export_named_otherwise_is_found_without_export_mixer(
+    tmp_path, example_pb2, shard_names, mixer_name
+):
+    """Shards and mixer named by Earth Engine for another prefix than the config's; no manifest, no
+    ``export.mixer``: predict finds them, in order, and deliver maps them."""
+    rng = np.random.default_rng(6)
+    patches = [rng.random((2, H + KH, W + KW)).astype(np.float32) for _ in range(6)]
+    _export_as_earth_engine_names_it(
+        tmp_path / "ws" / "r" / "export", example_pb2, patches, shard_names, mixer_name
+    )
+    _identity_onnx(tmp_path / "id.onnx")
+    config = tmp_path / "ee.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "ee",
+                "workspace": str(tmp_path / "ws"),
+                "source": {"bands": {"B4": {"path": "unused.tif"}, "B8": {"path": "unused.tif"}}},
+                "grid": {"patch_size": [W, H], "kernel_size": [KW, KH]},
+                "model": {
+                    "path": str(tmp_path / "id.onnx"),
+                    "input_bands": ["B4", "B8"],
+                    "output": "probabilities",
+                    "classes": ["a", "b"],
+                },
+            }
+        )
+    )
+    assert main(["predict", str(config), "--run", "r"]) == 0
+    shards = list_shards(tmp_path / "ws" / "r" / "predict", "predictions")
+    assert len(shards) == len(shard_names)
+    records = [decode_example(r) for s in shards for r in read_records(s)]
+    for patch, record in zip(patches, records, strict=True):
+        core = patch[:, KH // 2 : KH // 2 + H, KW // 2 : KW // 2 + W]
+        np.testing.assert_array_equal(record["prob_b"].reshape(H, W), core[1])
+    assert main(["deliver", str(config), "--run", "r"]) == 0

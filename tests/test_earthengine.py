@@ -69,9 +69,12 @@ def gcs(monkeypatch):
 @pytest.fixture
 def services(tmp_path, monkeypatch, gcs, example_pb2):
     """Playback + emulator + credentials; the playback writes an Earth Engine-layout export into the
-    bucket when asked to export (its patches are kept in ``playback.exported``)."""
+    bucket when asked to export (its patches are kept in ``playback.exported``): three numbered
+    shards and ``<prefix>-mixer.json``, or with ``playback.single_file`` one ``<prefix>.tfrecord.gz``
+    and ``<prefix>.json``."""
     playback = EarthEnginePlayback(PROJECT)
     playback.exported = []
+    playback.single_file = False
 
     def write_export(body):
         options = body["fileExportOptions"]
@@ -82,14 +85,17 @@ def services(tmp_path, monkeypatch, gcs, example_pb2):
         shape = (3, tile["height"] + margin["height"], tile["width"] + margin["width"])
         patches = [rng.random(shape).astype(np.float32) for _ in range(12)]
         playback.exported = patches
-        for number, chunk in enumerate((patches[0:5], patches[5:9], patches[9:12])):
+        chunks = [patches] if playback.single_file else [patches[0:5], patches[5:9], patches[9:12]]
+        for number, chunk in enumerate(chunks):
             buffer = io.BytesIO()
             for patch in chunk:
                 example = example_pb2.Example()
                 for name, band in zip(("red", "nir", "ndvi"), patch, strict=True):
                     example.features.feature[name].float_list.value.extend(band.ravel().tolist())
                 _TFRecordUtil.write_record(buffer, example.SerializeToString())
-            blob = gcs.blob(f"{prefix}-{number:05d}.tfrecord.gz")
+            blob = gcs.blob(
+                f"{prefix}.tfrecord.gz" if playback.single_file else f"{prefix}-{number:05d}.tfrecord.gz"
+            )
             blob.upload_from_string(gzip.compress(buffer.getvalue()))
         mixer = {
             "projection": {
@@ -100,7 +106,9 @@ def services(tmp_path, monkeypatch, gcs, example_pb2):
             "patchesPerRow": 4,
             "totalPatches": 12,
         }
-        gcs.blob(f"{prefix}-mixer.json").upload_from_string(json.dumps(mixer))
+        gcs.blob(f"{prefix}.json" if playback.single_file else f"{prefix}-mixer.json").upload_from_string(
+            json.dumps(mixer)
+        )
 
     playback.on_export = write_export
     playback.start()
@@ -266,6 +274,17 @@ def test_earth_engine_run_end_to_end_at_the_http_boundary(tmp_path, services, gc
         p.read_bytes().decode(errors="replace") for p in (tmp_path / "ws").rglob("*") if p.is_file()
     ]
     assert not [s for s in secrets for t in texts if s in t]
+
+
+def test_a_single_file_export_is_found_by_its_earth_engine_names(tmp_path, services):
+    """Earth Engine names a one-shard export ``<prefix>.tfrecord.gz`` + ``<prefix>.json``."""
+    services.single_file = True
+    config_path = _config(tmp_path, services, export={"prefix": "ee", "max_file_size": 10**6})
+    assert main(["run", str(config_path), "--run", "r1", "--window", WINDOW]) == 0
+    export = tmp_path / "ws" / "r1" / "export"
+    assert sorted(p.name for p in export.iterdir()) == ["ee-manifest.json", "ee.json", "ee.tfrecord.gz"]
+    (shard,) = list_shards(tmp_path / "ws" / "r1" / "predict", "predictions")
+    assert sum(1 for _ in read_records(shard)) == len(services.exported) == 12
 
 
 def test_failed_export_is_reported_with_earth_engines_message_and_resume_starts_a_new_task(

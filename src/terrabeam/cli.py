@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.out}: {len(files)} files; review them, then run {args.out / 'deploy.sh'}")
             return 0
         if args.command == "validate":
-            steps.validate_before_run(config)
+            steps.validate(config)
             print(f"{args.config}: valid (config hash {config.fingerprint()})")
             return 0
         root, remote = _root(config, args)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numexpr
+import rasterio
 import yaml
 from pydantic import (
     BaseModel,
@@ -26,6 +27,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from rasterio.crs import CRS
+from rasterio.errors import CRSError
 
 from terrabeam.errors import ConfigError
 
@@ -200,10 +203,19 @@ class Region(_Strict):
         return self
 
 
+Align = Literal["source", "origin"] | tuple[float, float]
+
+
 class GridConfig(_Strict):
     crs: str | None = Field(None, description="target CRS (default: the first band's)")
     resolution: float | tuple[float, float] | None = Field(
         None, description="pixel size in CRS units, or [x, y] (default: the first band's)"
+    )
+    align: Align | None = Field(
+        None,
+        description="where pixel edges lie: source (the first band's; default for raster sources), "
+        "origin (multiples of the resolution from the CRS origin; default for earthengine), or [x0, y0] "
+        "a point every pixel edge lines up with",
     )
     region: Region = Region()
     patch_size: tuple[int, int] = Field((256, 256), description="core patch [width, height]")
@@ -223,6 +235,19 @@ class GridConfig(_Strict):
     def _even_kernel(cls, value: tuple[int, int]) -> tuple[int, int]:
         if min(value) < 0 or any(k % 2 for k in value):
             raise ValueError(f"kernel_size {list(value)} must be even and ≥ 0 (half goes on each side)")
+        return value
+
+    @field_validator("crs")
+    @classmethod
+    def _known_crs(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                with rasterio.Env():  # PROJ's complaint goes to logging, not straight to stderr
+                    CRS.from_user_input(value)
+            except CRSError:
+                raise ValueError(
+                    f"{value} is not a known CRS; give an EPSG code (EPSG:32633), a PROJ string or WKT"
+                ) from None
         return value
 
     @field_validator("resolution")
@@ -585,6 +610,11 @@ class PipelineConfig(_Strict):
                 missing.append("region")
             if missing:
                 raise ValueError(f"an earthengine source needs grid.{', grid.'.join(missing)}")
+            if self.grid.align == "source":
+                raise ValueError(
+                    "grid.align: source means the first band's pixel edges, and an earthengine source "
+                    "has no band file; use origin (the default: what crsTransform expects) or [x0, y0]"
+                )
         unknown = sorted(set(self.outputs.colors) - set(self.model.classes or []))
         if unknown:
             raise ValueError(f"outputs.colors names {unknown}, not in model.classes {self.model.classes}")
@@ -626,6 +656,9 @@ def _format_errors(source: str, error: ValidationError) -> str:
         location = ".".join(parts) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         value = item.get("input")
+        if isinstance(value, str) and value and message.startswith(value):
+            lines.append(f"  {location}: {message}")  # a sentence about the value: no need to repeat it
+            continue
         shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{…}"
         if len(shown) > 80:
             shown = shown[:77] + "..."

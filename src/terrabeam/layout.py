@@ -3,7 +3,9 @@
 An export directory holds ``<prefix>-00000.tfrecord.gz`` … and ``<prefix>-mixer.json`` exactly as
 Earth Engine writes them. terrabeam adds ``<prefix>-manifest.json`` with what the mixer does not
 record (kernel margin, true region size, band names); an Earth Engine export without it is read
-with those values from the configuration.
+with those values from the configuration. :func:`find_export` locates the files of an export
+however Earth Engine named them (one shard ``<prefix>.tfrecord.gz``, ``<prefix>mixer.json``,
+``<prefix>.json``).
 """
 
 from __future__ import annotations
@@ -29,18 +31,101 @@ def manifest_path(directory: str | Path, prefix: str) -> Path:
     return Path(directory) / f"{prefix}-manifest.json"
 
 
+# ``<stem>-NNNNN.tfrecord[.gz]`` (five digits, as Earth Engine and shard_name write them) or ``<stem>.tfrecord[.gz]``
+_SHARD = re.compile(r"^(?P<stem>.+?)(?:-(?P<number>\d{5}))?\.tfrecord(?:\.gz)?$")
+MIXER_FIELDS = ("projection", "patchDimensions", "patchesPerRow", "totalPatches")
+
+
+def _shard_files(directory: Path) -> dict[str, list[tuple[int | None, Path]]]:
+    """The TFRecord files of ``directory`` by stem, each with its shard number (None: unnumbered)."""
+    groups: dict[str, list[tuple[int | None, Path]]] = {}
+    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+        match = _SHARD.match(path.name)
+        if match and path.is_file():
+            number = match.group("number")
+            groups.setdefault(match.group("stem"), []).append((None if number is None else int(number), path))
+    return groups
+
+
 def list_shards(directory: str | Path, prefix: str) -> list[Path]:
     """The shards of ``prefix`` in patch order: ``<prefix>-NNNNN.tfrecord[.gz]`` or one ``<prefix>.tfrecord[.gz]``."""
     directory = Path(directory)
-    pattern = re.compile(rf"^{re.escape(prefix)}(-(\d+))?\.tfrecord(\.gz)?$")
-    found = []
-    for path in directory.iterdir() if directory.is_dir() else []:
-        match = pattern.match(path.name)
-        if match:
-            found.append((int(match.group(2) or 0), path))
+    found = _shard_files(directory).get(prefix)
     if not found:
-        raise InputError(f"{directory}: no TFRecord shards named {prefix}-NNNNN.tfrecord.gz")
-    return [path for _, path in sorted(found)]
+        raise InputError(
+            f"{directory}: no TFRecord shards named {prefix}-NNNNN.tfrecord.gz or {prefix}.tfrecord.gz"
+        )
+    numbers = [number for number, _ in found]
+    if len(set(numbers)) != len(numbers) or (None in numbers and len(numbers) > 1):
+        names = ", ".join(path.name for _, path in found)
+        raise InputError(f"{directory}: the shards of {prefix} are ambiguous ({names}): one file per shard")
+    return [path for _, path in sorted(found, key=lambda item: item[0] or 0)]
+
+
+@dataclass(frozen=True)
+class ExportFiles:
+    """Where an export's files are: its prefix, mixer, shards in patch order, terrabeam's manifest."""
+
+    prefix: str
+    mixer: Path
+    shards: list[Path]
+    manifest: Path | None
+
+
+def find_export(directory: str | Path, prefix: str, mixer: Path | None = None) -> ExportFiles:
+    """The files of the export in ``directory``: the shards of ``prefix``, else of the only prefix
+    that has shards; its mixer ``<prefix>-mixer.json``, ``<prefix>mixer.json``, else the only ``.json``
+    with the mixer's fields (``mixer`` given explicitly wins). Anything ambiguous is an error listing
+    what was found."""
+    directory = Path(directory)
+    groups = _shard_files(directory)
+    if prefix in groups:
+        stem = prefix
+    elif len(groups) == 1:
+        (stem,) = groups
+    elif groups:
+        found = "; ".join(f"{name}: {len(files)} file(s)" for name, files in sorted(groups.items()))
+        raise InputError(
+            f"{directory}: the shards of several exports ({found}), none named {prefix}; set export.prefix "
+            "to the one to read"
+        )
+    else:
+        raise InputError(
+            f"{directory}: no TFRecord shards (<prefix>-NNNNN.tfrecord[.gz] or <prefix>.tfrecord[.gz])"
+        )
+    manifest = manifest_path(directory, stem)
+    return ExportFiles(
+        stem,
+        mixer or _find_mixer(directory, stem),
+        list_shards(directory, stem),
+        manifest if manifest.is_file() else None,
+    )
+
+
+def _find_mixer(directory: Path, prefix: str) -> Path:
+    for name in (f"{prefix}-mixer.json", f"{prefix}mixer.json"):
+        if (directory / name).is_file():
+            return directory / name
+    candidates = [path for path in sorted(directory.glob("*.json")) if _has_mixer_fields(path)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        names = ", ".join(path.name for path in candidates)
+        raise InputError(
+            f"{directory}: {len(candidates)} files could be the mixer of {prefix} ({names}); set export.mixer"
+        )
+    raise InputError(
+        f"{directory}: no mixer for {prefix}: neither {prefix}-mixer.json nor {prefix}mixer.json, and no "
+        f".json with the mixer's fields ({', '.join(MIXER_FIELDS)}); set export.mixer"
+    )
+
+
+def _has_mixer_fields(path: Path) -> bool:
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(document, dict) and all(name in document for name in MIXER_FIELDS)
 
 
 @dataclass

@@ -1,5 +1,9 @@
 """The region to predict, from ``grid.region``: a bbox in the grid CRS, or a GeoJSON geometry
-(EPSG:4326, inline or a file) reduced to its bounding box, and the pixel-snapped target it gives."""
+(EPSG:4326, inline or a file) reduced to its bounding box, and the pixel-snapped target it gives.
+
+Pixel edges lie where ``grid.align`` says: on the first band's own edges (``source``: no resampling,
+maps line up with the input pixel for pixel), on multiples of the resolution (``origin``: Earth
+Engine's ``crsTransform`` grids, ``gdalwarp -tap``), or through an explicit point ``[x0, y0]``."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.warp import transform_geom
 
-from terrabeam.config import PipelineConfig
+from terrabeam.config import Align, PipelineConfig
 from terrabeam.errors import InputError
 
 
@@ -65,12 +69,33 @@ def region_bounds(config: PipelineConfig, crs: CRS) -> tuple[float, float, float
     return coords[:, 0].min(), coords[:, 1].min(), coords[:, 0].max(), coords[:, 1].max()
 
 
-def snap(crs: CRS, resolution: tuple[float, float], bounds: tuple[float, ...]) -> TargetRegion:
-    """Snap bounds outward to the pixel grid of the CRS origin, as ``gdalwarp -tap`` does."""
+def anchor(align: Align, source: Affine | None) -> tuple[float, float]:
+    """A point every pixel edge of the grid passes through, for ``grid.align``.
+
+    ``source`` is the first band's transform when the grid is in that band's CRS, else None: a band
+    has pixel edges only in its own CRS, so ``source`` alignment onto another CRS is ``origin``
+    (the band is resampled anyway).
+    """
+    if align == "source":
+        return (source.c, source.f) if source is not None else (0.0, 0.0)
+    if align == "origin":
+        return 0.0, 0.0
+    return float(align[0]), float(align[1])
+
+
+def snap(
+    crs: CRS,
+    resolution: tuple[float, float],
+    bounds: tuple[float, ...],
+    through: tuple[float, float] = (0.0, 0.0),
+) -> TargetRegion:
+    """Snap bounds outward to whole pixels of the north-up grid whose edges pass through ``through``
+    (the CRS origin by default, as ``gdalwarp -tap`` does)."""
     xres, yres = resolution
+    x0, y0 = through
     minx, miny, maxx, maxy = bounds
-    left = math.floor(round(minx / xres, 9)) * xres
-    top = math.ceil(round(maxy / yres, 9)) * yres
+    left = x0 + math.floor(round((minx - x0) / xres, 9)) * xres
+    top = y0 + math.ceil(round((maxy - y0) / yres, 9)) * yres
     width = math.ceil(round((maxx - left) / xres, 9))
     height = math.ceil(round((top - miny) / yres, 9))
     return TargetRegion(crs.to_string(), Affine(xres, 0, left, 0, -yres, top), width, height)

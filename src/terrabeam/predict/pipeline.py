@@ -20,7 +20,7 @@ from terrabeam import NAMESPACE
 from terrabeam.config import PipelineConfig
 from terrabeam.errors import ConfigError, RecordCountError, TerrabeamError
 from terrabeam.grid import Grid
-from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path, shard_name
+from terrabeam.layout import ExportManifest, find_export, manifest_path, mixer_path, shard_name
 from terrabeam.predict.io import (
     DecodeRecord,
     PostProcess,
@@ -82,19 +82,19 @@ class PredictResult:
 
 
 def read_export(config: PipelineConfig, export_dir: Path) -> tuple[Grid, ExportManifest, list[Path]]:
-    """Mixer, manifest and shards of an export (an Earth Engine export without manifest uses the config)."""
-    prefix = config.export.prefix
+    """Mixer, manifest and shards of an export, terrabeam's or Earth Engine's however named (see
+    ``layout.find_export``); without a manifest, margin and bands come from the config."""
     explicit = config.export.mixer
-    grid = Grid.read_mixer(config.resolve(explicit) if explicit else mixer_path(export_dir, prefix))
-    shards = list_shards(export_dir, prefix)
-    manifest_file = manifest_path(export_dir, prefix)
-    if manifest_file.exists():
-        manifest = ExportManifest.read(manifest_file)
+    files = find_export(export_dir, config.export.prefix, config.resolve(explicit) if explicit else None)
+    grid = Grid.read_mixer(files.mixer)
+    shards = files.shards
+    if files.manifest is not None:
+        manifest = ExportManifest.read(files.manifest)
         declared = sum(manifest.shard_records)
         if declared != grid.total_patches or len(manifest.shard_records) != len(shards):
             raise RecordCountError(
-                f"{mixer_path(export_dir, prefix)}: totalPatches={grid.total_patches} but "
-                f"{manifest_file.name} lists {declared} records in {len(manifest.shard_records)} "
+                f"{files.mixer}: totalPatches={grid.total_patches} but "
+                f"{files.manifest.name} lists {declared} records in {len(manifest.shard_records)} "
                 f"shards and {len(shards)} shard files are present in {export_dir}"
             )
     else:

@@ -22,8 +22,8 @@ from terrabeam.config import EarthEngineSource, PipelineConfig, TimeWindow
 from terrabeam.earthengine import EarthEngineError, connect, request_id
 from terrabeam.errors import ConfigError, GridMismatchError, InputError
 from terrabeam.grid import Grid
-from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path
-from terrabeam.region import TargetRegion, region_bounds, region_geometry, snap
+from terrabeam.layout import ExportManifest, find_export, manifest_path
+from terrabeam.region import TargetRegion, anchor, region_bounds, region_geometry, snap
 from terrabeam.storage import copy_file, join, list_files
 from terrabeam.tfrecord import count_records
 
@@ -37,12 +37,14 @@ S2_QA60_BITS = (1 << 10) | (1 << 11)
 
 
 def export_grid(config: PipelineConfig) -> tuple[Grid, TargetRegion]:
-    """The patch grid (padded) and the true region, from ``grid.crs``, ``resolution`` and ``region``."""
+    """The patch grid (padded) and the true region, from ``grid.crs``, ``resolution``, ``region`` and
+    ``align`` (multiples of the resolution unless an explicit ``[x0, y0]``: there is no band file whose
+    edges ``source`` could mean)."""
     grid_config = config.grid
     crs = CRS.from_user_input(grid_config.crs)
     resolution = grid_config.resolution
     res = resolution if isinstance(resolution, tuple) else (resolution, resolution)
-    region = snap(crs, res, region_bounds(config, crs))
+    region = snap(crs, res, region_bounds(config, crs), anchor(grid_config.align or "origin", None))
     grid = Grid.covering(region.crs, region.transform, region.width, region.height, grid_config.patch_size)
     return grid, region
 
@@ -192,13 +194,14 @@ def download_export(config: PipelineConfig, run_id: str, out_dir: Path) -> tuple
     prefix = config.export.prefix
     folder = export_folder(config, run_id)
     found = [path for path, _ in list_files(join(folder, f"{prefix}*"))]
-    wanted = [p for p in found if p.endswith((".tfrecord", ".tfrecord.gz", "-mixer.json"))]
-    if not any(p.endswith("-mixer.json") for p in wanted):
-        raise InputError(f"{folder}: the Earth Engine export has no {prefix}-mixer.json")
+    wanted = [p for p in found if p.endswith((".tfrecord", ".tfrecord.gz", ".json"))]
+    if not any(p.endswith(".json") for p in wanted):
+        raise InputError(f"{folder}: the Earth Engine export has no mixer ({prefix}*.json)")
     for path in wanted:
         copy_file(path, str(out_dir / posixpath.basename(path)))
+    files = find_export(out_dir, prefix)
     grid, region = export_grid(config)
-    exported = Grid.read_mixer(mixer_path(out_dir, prefix))
+    exported = Grid.read_mixer(files.mixer)
     if (exported.patches_per_row, exported.total_patches, exported.patch_width, exported.patch_height) != (
         grid.patches_per_row,
         grid.total_patches,
@@ -206,12 +209,12 @@ def download_export(config: PipelineConfig, run_id: str, out_dir: Path) -> tuple
         grid.patch_height,
     ):
         raise GridMismatchError(
-            f"{join(folder, prefix + '-mixer.json')}: Earth Engine exported {exported.total_patches} "
+            f"{join(folder, files.mixer.name)}: Earth Engine exported {exported.total_patches} "
             f"patches of {exported.patch_width}×{exported.patch_height}, {exported.patches_per_row} per "
             f"row; terrabeam's grid has {grid.total_patches} of {grid.patch_width}×{grid.patch_height}, "
             f"{grid.patches_per_row} per row"
         )
-    shards = list_shards(out_dir, prefix)
+    shards = files.shards
     manifest = ExportManifest(
         kernel_size=list(config.grid.kernel_size),
         region_width=region.width,
@@ -219,5 +222,5 @@ def download_export(config: PipelineConfig, run_id: str, out_dir: Path) -> tuple
         bands=config.source.band_names,
         shard_records=[count_records(s) for s in shards],
     )
-    manifest.write(manifest_path(out_dir, prefix))
+    manifest.write(manifest_path(out_dir, files.prefix))
     return exported, manifest

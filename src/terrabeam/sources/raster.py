@@ -31,7 +31,7 @@ from terrabeam.errors import GridMismatchError, InputError
 from terrabeam.grid import Grid, PatchKey
 from terrabeam.layout import ExportManifest, ShardedWriter, manifest_path, mixer_path
 from terrabeam.progress import Progress
-from terrabeam.region import TargetRegion, region_bounds, snap
+from terrabeam.region import TargetRegion, anchor, region_bounds, snap
 from terrabeam.tfrecord import encode_example
 from terrabeam.tiling import Tiling
 
@@ -47,16 +47,44 @@ def _open(path: str, name: str) -> rasterio.DatasetReader:
         raise InputError(f"source.bands.{name}.path: cannot read {path} ({exc})") from None
 
 
+def open_band(config: PipelineConfig, name: str) -> rasterio.DatasetReader:
+    """Open source band ``name`` (metadata only until read) after checking what placing it on a grid
+    needs: the file, the band inside it, a CRS."""
+    spec = config.source.bands[name]
+    ds = _open(config.locate(spec.path), name)
+    if spec.band > ds.count:
+        ds.close()
+        raise InputError(f"source.bands.{name}.band = {spec.band}: {ds.name} has only {ds.count} band(s)")
+    if ds.crs is None:
+        ds.close()
+        raise GridMismatchError(f"source.bands.{name}.path: {ds.name} has no CRS; cannot place it on a grid")
+    return ds
+
+
+def check_overlap(ds: rasterio.DatasetReader, name: str, grid: Grid) -> None:
+    """Fail unless band ``name`` covers some of the grid: else the map would be all fill."""
+    left, top = grid.xy(0, 0)
+    right, bottom = grid.xy(grid.width, grid.height)
+    src_bounds = transform_bounds(ds.crs, grid.crs, *ds.bounds)
+    if not (
+        src_bounds[0] < right and src_bounds[2] > left and src_bounds[1] < top and src_bounds[3] > bottom
+    ):
+        raise GridMismatchError(
+            f"source.bands.{name}.path: {ds.name} (extent {tuple(round(v, 3) for v in src_bounds)} in "
+            f"{grid.crs}) does not overlap the region {(left, bottom, right, top)}; check grid.crs and grid.region"
+        )
+
+
 def target_region(config: PipelineConfig) -> TargetRegion:
-    """Resolve CRS, resolution and region (defaults from the first band) and snap to whole pixels."""
-    name, first_band = next(iter(config.source.bands.items()))
-    with _open(config.locate(first_band.path), name) as first:
-        if first.crs is None:
-            raise GridMismatchError(f"{first.name}: has no CRS; cannot place it on a grid")
+    """Resolve CRS, resolution and region (defaults from the first band) and snap them to whole pixels
+    of ``grid.align``: by default the first band's own grid, so it is read without resampling."""
+    name = next(iter(config.source.bands))
+    with open_band(config, name) as first:
         crs = CRS.from_user_input(config.grid.crs) if config.grid.crs else first.crs
+        same_crs = crs == first.crs
         resolution = config.grid.resolution
         if resolution is None:
-            if crs != first.crs:
+            if not same_crs:
                 raise GridMismatchError(
                     f"grid.resolution is required: grid.crs {config.grid.crs} differs from "
                     f"{first.name}'s CRS {first.crs}"
@@ -64,7 +92,15 @@ def target_region(config: PipelineConfig) -> TargetRegion:
             resolution = (abs(first.transform.a), abs(first.transform.e))
         xres, yres = resolution if isinstance(resolution, tuple) else (resolution, resolution)
         bounds = region_bounds(config, crs) or transform_bounds(first.crs, crs, *first.bounds)
-    return snap(crs, (xres, yres), bounds)
+        through = anchor(config.grid.align or "source", first.transform if same_crs else None)
+    return snap(crs, (xres, yres), bounds, through)
+
+
+def export_grid(config: PipelineConfig) -> tuple[Grid, TargetRegion]:
+    """The patch grid (padded to whole patches) and the true region it covers."""
+    region = target_region(config)
+    grid = Grid.covering(region.crs, region.transform, region.width, region.height, config.grid.patch_size)
+    return grid, region
 
 
 class _BandReader:
@@ -75,26 +111,13 @@ class _BandReader:
         self.name = name
         self.spec = spec
         self.fill = config.source.fill_value
-        self.dataset = _open(config.locate(spec.path), name)
-        ds = self.dataset
-        if spec.band > ds.count:
+        self.dataset = ds = open_band(config, name)
+        try:
+            check_overlap(ds, name, grid)
+        except GridMismatchError:
             ds.close()
-            raise InputError(f"source.bands.{name}.band = {spec.band}: {ds.name} has only {ds.count} band(s)")
-        if ds.crs is None:
-            ds.close()
-            raise GridMismatchError(f"{ds.name}: has no CRS; cannot place it on grid {grid.crs}")
+            raise
         kw, kh = kernel
-        left, top = grid.xy(0, 0)
-        right, bottom = grid.xy(grid.width, grid.height)
-        src_bounds = transform_bounds(ds.crs, grid.crs, *ds.bounds)
-        if not (
-            src_bounds[0] < right and src_bounds[2] > left and src_bounds[1] < top and src_bounds[3] > bottom
-        ):
-            ds.close()
-            raise GridMismatchError(
-                f"{ds.name}: its extent {tuple(round(v, 3) for v in src_bounds)} in {grid.crs} does "
-                f"not overlap the region {(left, bottom, right, top)}; check grid.crs and grid.region"
-            )
         nodata = config.source.nodata if config.source.nodata is not None else ds.nodatavals[spec.band - 1]
         self.vrt = WarpedVRT(
             ds,
@@ -200,16 +223,9 @@ def _blocks(grid: Grid) -> Iterator[tuple[int, int, int]]:
             yield row, first, min(in_row, first + per_block)
 
 
-def plan_grid(config: PipelineConfig) -> tuple[Grid, TargetRegion]:
-    """The patch grid covering the configured region (metadata reads only)."""
-    region = target_region(config)
-    grid = Grid.covering(region.crs, region.transform, region.width, region.height, config.grid.patch_size)
-    return grid, region
-
-
 def export_rasters(config: PipelineConfig, out_dir: Path) -> ExportResult:
     """Write Earth Engine-layout shards, mixer and manifest for the configured rasters into ``out_dir``."""
-    grid, region = plan_grid(config)
+    grid, region = export_grid(config)
     kernel = config.grid.kernel_size
     writer = ShardedWriter(
         out_dir, config.export.prefix, config.export.max_file_size, config.export.compression_level

@@ -17,8 +17,8 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +27,14 @@ import apache_beam as beam
 import rasterio
 
 from terrabeam.config import PipelineConfig
-from terrabeam.errors import ConfigError
+from terrabeam.errors import ConfigError, TerrabeamError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path
 from terrabeam.predict.io import DecodeRecord, ReadKeyedRecords
 from terrabeam.predict.models import probe_model
 from terrabeam.predict.pipeline import PredictPatches, RemoteIO, prediction_bands, run_predict
 from terrabeam.progress import Progress
-from terrabeam.sources.raster import ReadRasterPatches, export_rasters, plan_grid
+from terrabeam.sources.raster import ReadRasterPatches, check_overlap, export_grid, export_rasters, open_band
 from terrabeam.tiling import Tiling
 from terrabeam.workflow.maps import write_map
 from terrabeam.workspace import Workspace
@@ -202,7 +202,7 @@ def _match_work_to(work: Path, export_dir: Path, config: PipelineConfig) -> None
 def map_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[str] = ()) -> StepReport:
     """A raster-sourced run in one Beam pipeline: the workers read the rasters' windows, run the
     model and write map tiles; nothing is materialised between (the model was probed before)."""
-    grid, region = plan_grid(config)
+    grid, region = export_grid(config)
     tiling = Tiling.for_grid(grid, region.width, region.height, config.outputs.tile_size)
     kw, kh = config.grid.kernel_size
     remote = remote_io(config, workspace)
@@ -287,6 +287,58 @@ def validate_before_run(config: PipelineConfig) -> None:
     kw, kh = config.grid.kernel_size
     pw, ph = config.grid.patch_size
     probe_model(config.model, config.locate(config.model.path), (ph + kh, pw + kw), (kw // 2, kh // 2))
+
+
+def find_problems(config: PipelineConfig) -> list[str]:
+    """Everything ``run`` would reject, found without doing any work: every source band opened
+    (metadata only), the grid resolved, the model probed, Earth Engine credentials found if needed.
+    One line per problem, naming its field or file."""
+    if config.source.kind == "raster":
+        problems = _raster_problems(config)
+    else:
+        from terrabeam.sources.earthengine import export_grid as earthengine_grid
+
+        problems = _problems(earthengine_grid, config)
+    return problems + _problems(validate_before_run, config) + _problems(check_access, config)
+
+
+def _problems(check: Callable[..., object], *args: object) -> list[str]:
+    """``check(*args)``'s error as a one-item list; empty if it passes."""
+    try:
+        check(*args)
+    except TerrabeamError as exc:
+        return [str(exc)]
+    return []
+
+
+def _raster_problems(config: PipelineConfig) -> list[str]:
+    problems: list[str] = []
+    with ExitStack() as stack:
+        opened = {}
+        for name in config.source.bands:
+            try:
+                opened[name] = stack.enter_context(open_band(config, name))
+            except TerrabeamError as exc:
+                problems.append(str(exc))
+        if next(iter(config.source.bands)) not in opened:
+            return problems  # the grid's defaults come from the first band
+        try:
+            grid, _ = export_grid(config)
+        except TerrabeamError as exc:
+            return [*problems, str(exc)]
+        for name, dataset in opened.items():
+            problems += _problems(check_overlap, dataset, name, grid)
+    return problems
+
+
+def validate(config: PipelineConfig) -> None:
+    """``terrabeam validate``: every problem of :func:`find_problems` at once, one line each under a
+    heading."""
+    problems = find_problems(config)
+    if problems:
+        lines = "\n".join(f"  {problem}" for problem in problems)
+        heading = f"{config.source_path or 'config'}: {len(problems)} problem(s) run would reject"
+        raise ConfigError(f"{heading}\n{lines}")
 
 
 def write_summary(config: PipelineConfig, workspace: Workspace, reports: list[StepReport]) -> Path:
