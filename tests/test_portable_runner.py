@@ -1,6 +1,6 @@
-"""Predict on Beam's PortableRunner against Beam's own job service and an external worker pool, and on
-the local runner with worker processes: the same prediction shards, byte for byte, as the in-process
-FnApiRunner. Synthetic scene and 1×1-conv model (tiny_pipeline).
+"""Predict and whole runs on Beam's PortableRunner against Beam's own job service and an external
+worker pool, and on the local runner with worker processes: the same prediction shards and maps,
+byte for byte, as the in-process FnApiRunner. Synthetic scene and 1×1-conv model (tiny_pipeline).
 """
 
 from __future__ import annotations
@@ -27,14 +27,24 @@ START_TIMEOUT = 60  # seconds for a service to listen
 RUN_TIMEOUT = 300  # seconds for one predict on the portable runner
 
 # Imported by every Python process started with its folder on PYTHONPATH: records, per process, the
-# files under TRACE_ROOT it opens (into TRACE_DIR/<pid>), so the test can see which process read and wrote the shards.
+# files under TRACE_ROOT it opens or renames into place (into TRACE_DIR/<pid>), so the test can see
+# which process read and wrote the shards and tiles; GDAL's debug log of each process goes to
+# TRACE_DIR/gdal-<pid> (GDAL opens files in C, unseen by Python's audit hooks).
 TRACE_HOOK = """
 import os, sys
 
+os.environ["CPL_DEBUG"] = "ON"
+os.environ["CPL_LOG"] = os.path.join(os.environ["TRACE_DIR"], f"gdal-{os.getpid()}")
+
 def _trace(event, args, root=os.environ["TRACE_ROOT"], log=os.environ["TRACE_DIR"]):
     if event == "open" and isinstance(args[0], (str, os.PathLike)) and str(args[0]).startswith(root):
-        with open(os.path.join(log, str(os.getpid())), "a") as out:
-            out.write(f"{os.getppid()} {args[1]} {args[0]}\\n")
+        line = f"{os.getppid()} {args[1]} {args[0]}"
+    elif event == "os.rename" and str(args[1]).startswith(root):
+        line = f"{os.getppid()} rename {args[1]}"
+    else:
+        return
+    with open(os.path.join(log, str(os.getpid())), "a") as out:
+        out.write(line + "\\n")
 
 sys.addaudithook(_trace)
 """
@@ -97,6 +107,8 @@ class FileAccess(NamedTuple):
 def _traced_opens(tmp_path: Path) -> list[FileAccess]:
     opens = []
     for log in (tmp_path / "trace").iterdir():
+        if log.name.startswith("gdal-"):
+            continue
         pid = int(log.name)
         for line in log.read_text().splitlines():
             parent, mode, path = line.split(" ", 2)
@@ -179,3 +191,56 @@ def test_local_worker_processes_write_the_same_shards(tmp_path, tiny_pipeline):
     assert len(client) == 1, "the terrabeam process is traced"
     assert not (client | {os.getpid()}) & (readers | writers), "not done by worker processes"
     assert len(readers) == 2, "both worker processes read export shards"
+
+
+def test_whole_run_on_portable_runner_reads_rasters_and_writes_tiles_in_the_workers(tmp_path, tiny_pipeline):
+    """`terrabeam run` of a raster config is one pipeline: the pool's SDK workers warp the rasters'
+    windows and publish the map tiles; the launcher only plans the grid and makes the mosaic. The
+    maps are the in-process run's, byte for byte."""
+    document, write = tiny_pipeline
+    document["outputs"]["tile_size"] = 32  # 70 × 50 px in tiles of 2 × 2 patches of 32 × 16: 3 × 2 tiles
+    assert main(["run", str(write()), "--run", "local"]) == 0
+    local = tmp_path / "ws" / "local" / "deliver"
+    env = _traced_env(tmp_path)
+    with (
+        beam_service("job-service", tmp_path, env) as (job_service, job_port),
+        beam_service("worker-pool", tmp_path, env) as (worker_pool, pool_port),
+    ):
+        document["runner"] = {
+            "kind": "portable",
+            "job_endpoint": f"127.0.0.1:{job_port}",
+            "environment_type": "EXTERNAL",
+            "environment_config": f"127.0.0.1:{pool_port}",
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "terrabeam", "run", str(write(document, "portable.yaml")), "--run", "r"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    deliver = tmp_path / "ws" / "r" / "deliver"
+    names = sorted(p.relative_to(local) for p in local.rglob("*.tif"))
+    assert len(names) == 2 + 2 * 6
+    assert sorted(p.relative_to(deliver) for p in deliver.rglob("*.tif")) == names
+    for name in names:
+        assert (deliver / name).read_bytes() == (local / name).read_bytes(), name
+
+    opens = _traced_opens(tmp_path)
+    parents = {o.pid: o.parent for o in opens}
+    tiles = [o for o in opens if o.mode == "rename" and o.path.parent.name == "tiles"]
+    assert len(tiles) == 2 * 6 and {parents[o.pid] for o in tiles} == {worker_pool}, (
+        "tiles not by the workers"
+    )
+    launcher = {o.pid for o in opens if o.parent == os.getpid()}
+    assert len(launcher) == 1, "the terrabeam process is traced"
+    warped = {
+        int(log.name.removeprefix("gdal-"))
+        for log in (tmp_path / "trace").glob("gdal-*")
+        if "WARP:" in log.read_text(errors="replace")
+    }
+    assert warped and {parents.get(pid) for pid in warped} == {worker_pool}, "rasters not read by the workers"
+    assert not warped & (launcher | {os.getpid(), job_service, worker_pool}), (
+        "rasters read outside the workers"
+    )
