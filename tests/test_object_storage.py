@@ -133,22 +133,15 @@ def test_a_step_downloads_its_input_from_the_remote_workspace(tmp_path, tiny_pip
     assert main(["deliver", str(config), "--run", "r1"]) == 1
 
 
-def test_portable_workers_read_shards_and_model_from_the_s3_workspace(tmp_path, tiny_pipeline, s3):
-    """A run on the PortableRunner (Beam's job service + external worker pool, processes of their own)
-    with the workspace on s3://: the workers fetch the export shards and the model (copied into
-    <run>/model/) from the bucket and write prediction shards there; the result equals a local run."""
-    from test_portable_runner import _traced_env, _traced_opens, beam_service
+def _portable_run(tmp_path, write, document, env, args):
+    """`terrabeam ARGS…` with ``document`` on the PortableRunner (Beam's job service + worker pool)."""
+    from test_portable_runner import beam_service
 
-    document, write = tiny_pipeline
-    assert main(["run", str(write()), "--run", "local"]) == 0
-    local = tmp_path / "ws" / "local" / "predict"
-    env = _traced_env(tmp_path) | {"TRACE_ROOT": str(tmp_path / "cache")}
     with (
         beam_service("job-service", tmp_path, env) as (_, job_port),
         beam_service("worker-pool", tmp_path, env) as (worker_pool, pool_port),
     ):
         remote = document | {
-            "workspace": f"s3://{BUCKET}/ws",
             "runner": {
                 "kind": "portable",
                 "job_endpoint": f"127.0.0.1:{job_port}",
@@ -156,24 +149,76 @@ def test_portable_workers_read_shards_and_model_from_the_s3_workspace(tmp_path, 
                 "environment_config": f"127.0.0.1:{pool_port}",
             },
         }
+        config = write(remote, "remote.yaml")
         done = subprocess.run(
-            [sys.executable, "-m", "terrabeam", "run", str(write(remote, "remote.yaml")), "--run", "r1"],
+            [sys.executable, "-m", "terrabeam", args[0], str(config), *args[1:]],
             env=env,
             capture_output=True,
             text=True,
             timeout=300,
         )
         assert done.returncode == 0, done.stderr[-3000:]
+    return worker_pool
+
+
+def test_portable_workers_read_shards_and_model_from_the_s3_workspace(tmp_path, tiny_pipeline, s3):
+    """`terrabeam predict` on the PortableRunner with the workspace on s3://: the workers fetch the
+    export shards and the model (copied into <run>/model/) from the bucket and write prediction
+    shards there; the result equals the in-process predict's."""
+    from test_portable_runner import _traced_env, _traced_opens
+
+    document, write = tiny_pipeline
+    config = write()
+    assert main(["export", str(config), "--run", "local"]) == 0
+    assert main(["predict", str(config), "--run", "local"]) == 0
+    local = tmp_path / "ws" / "local" / "predict"
+    remote = document | {"workspace": f"s3://{BUCKET}/ws"}
+    assert main(["export", str(write(remote, "export.yaml")), "--run", "r1"]) == 0
+    env = _traced_env(tmp_path) | {"TRACE_ROOT": str(tmp_path / "cache")}
+    worker_pool = _portable_run(tmp_path, write, remote, env, ["predict", "--run", "r1"])
 
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="ws/r1/")["Contents"]}
     assert "ws/r1/model/model.onnx" in keys
-    for shard in sorted(local.glob("predictions-*.tfrecord.gz")):
+    shards = sorted(local.glob("predictions-*.tfrecord.gz"))
+    assert len(shards) > 2
+    for shard in shards:
         assert f"ws/r1/.predict.work/{shard.name}" in keys  # written there by the workers
         body = s3.get_object(Bucket=BUCKET, Key=f"ws/r1/predict/{shard.name}")["Body"].read()
         assert body == shard.read_bytes()
-    # The pool's workers fetched the model from the bucket (writing their local copy; ONNX Runtime
-    # then reads it natively) and read their own copies of every export shard.
+    # The pool's workers read their own copies of every export shard.
+    by_workers = [o for o in _traced_opens(tmp_path) if o.parent == worker_pool]
+    read = {o.path.name for o in by_workers if "r" in o.mode}
+    exported = {p.name for p in (tmp_path / "ws" / "local" / "export").glob("tiny-*.tfrecord.gz")}
+    assert exported and exported <= read
+
+
+def test_whole_run_on_portable_workers_with_rasters_and_workspace_on_s3(tmp_path, tiny_pipeline, s3):
+    """`terrabeam run` (one pipeline) with rasters, model and workspace on s3://: the workers read the
+    rasters through /vsis3/ and write the map tiles straight into the bucket; the maps equal a
+    local run's byte for byte."""
+    from test_portable_runner import _traced_env, _traced_opens
+
+    document, write = tiny_pipeline
+    document["outputs"]["tile_size"] = 32
+    assert main(["run", str(write()), "--run", "local"]) == 0
+    local = tmp_path / "ws" / "local" / "deliver"
+    remote = document | {"workspace": f"s3://{BUCKET}/ws", "source": {"bands": {}}}
+    for name, band in document["source"]["bands"].items():
+        s3.upload_file(band["path"], BUCKET, f"inputs/{name}.tif")
+        remote["source"]["bands"][name] = band | {"path": f"s3://{BUCKET}/inputs/{name}.tif"}
+    env = _traced_env(tmp_path) | {"TRACE_ROOT": str(tmp_path / "cache")}
+    worker_pool = _portable_run(tmp_path, write, remote, env, ["run", "--run", "r1"])
+    # The launcher probed the local model; the workers fetched the copy in <run>/model/ themselves.
     by_workers = [o for o in _traced_opens(tmp_path) if o.parent == worker_pool]
     assert any(o.path.name == ".model.onnx.partial" and "w" in o.mode for o in by_workers)
-    read = {o.path.name for o in by_workers if "r" in o.mode}
-    assert {p.name for p in (tmp_path / "ws" / "local" / "export").glob("tiny-*.tfrecord.gz")} <= read
+
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="ws/r1/")["Contents"]}
+    tiles = sorted(p.name for p in (local / "tiles").glob("*.tif"))
+    assert len(tiles) == 2 * 6
+    for name in tiles:
+        written = s3.get_object(Bucket=BUCKET, Key=f"ws/r1/.deliver.work/tiles/{name}")["Body"].read()
+        assert written == (local / "tiles" / name).read_bytes(), name  # by the workers, into the bucket
+        assert f"ws/r1/deliver/tiles/{name}" in keys
+    for output in local.glob("*.tif"):
+        body = s3.get_object(Bucket=BUCKET, Key=f"ws/r1/deliver/{output.name}")["Body"].read()
+        assert body == output.read_bytes(), output.name
