@@ -32,9 +32,13 @@ def test_failed_step_publishes_nothing_and_success_replaces_whole(tmp_path):
 
 def test_latest_and_missing_step(tmp_path):
     with pytest.raises(WorkspaceError, match="no runs yet"):
-        Workspace.latest(tmp_path)
-    Workspace(tmp_path, "b").ensure_writable()
-    Workspace(tmp_path, "a").ensure_writable()
-    assert Workspace.latest(tmp_path).run_id == "a"
+        Workspace.latest(tmp_path, "p", "h1")
+    Workspace(tmp_path, "b").claim("p", "h1", same_config=True)
+    Workspace(tmp_path, "a").claim("p", "h1", same_config=True)
+    Workspace(tmp_path, "c").claim("other", "h1", same_config=True)
+    Workspace(tmp_path, "d").claim("p", "h2", same_config=True)
+    assert Workspace.latest(tmp_path, "p", "h1").run_id == "a"
+    with pytest.raises(WorkspaceError, match="no run of pipeline 'q' with this configuration"):
+        Workspace.latest(tmp_path, "q", "h1")
     with pytest.raises(WorkspaceError, match="step 'predict' has no finished output in run a"):
         Workspace(tmp_path, "a").require_step("predict")

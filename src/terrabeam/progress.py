@@ -24,8 +24,8 @@ class Progress:
         self._next_report = 0.1
         self._bar = (
             tqdm(total=total, desc=label, unit=unit, file=self.stream, leave=True, dynamic_ncols=True)
-            if getattr(self.stream, "isatty", lambda: False)()
-            else None
+            if getattr(self.stream, "isatty", lambda: False)() and log.isEnabledFor(logging.INFO)
+            else None  # off a terminal, or silenced (terrabeam -q): log lines at most
         )
 
     def advance(self, count: int = 1) -> None:

@@ -12,6 +12,7 @@ is unfinished. A step whose input is not in the mirror downloads it from a compl
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import uuid
@@ -20,10 +21,59 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from terrabeam.errors import WorkspaceError
+from terrabeam.errors import DiskFullError, TerrabeamError, WorkspaceError
 
 STEPS = ("export", "predict", "deliver")
 COMPLETE = "_COMPLETE.json"
+RUN_MARKER = "run.json"  # {"pipeline", "config_hash"} of the config that made the run folder
+
+# GDAL reports a full disk without an errno ("Write failed", "TIFFAppendToStrip:Seek error"): a
+# write error on a device with less than this left is taken for a full disk.
+NEARLY_FULL_BYTES = 16 * 2**20
+
+
+def disk_full_error(exc: BaseException, folder: Path) -> DiskFullError | None:
+    """``exc`` as a DiskFullError naming the file, if a write into ``folder`` failed for want of
+    space (ENOSPC or EDQUOT in its chain, or any error while the device is nearly full); else None.
+
+    The file is the one the error names, else the newest file in ``folder`` (the one being
+    written), else ``folder`` itself."""
+    named = None
+    if isinstance(exc, TerrabeamError) and not isinstance(exc, DiskFullError):
+        return None  # terrabeam's own verdict on the input or config, not a failed write
+    cause: BaseException | None = exc
+    seen = set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            named = cause.filename or ""
+            break
+        cause = cause.__cause__ or cause.__context__
+    if named is None and _free_bytes(folder) >= NEARLY_FULL_BYTES:
+        return None
+    return DiskFullError(f"no space left on device writing {named or _newest_file(folder)}")
+
+
+def _free_bytes(folder: Path) -> int:
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def _newest_file(folder: Path) -> Path:
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else folder
+
+
+@contextmanager
+def disk_full_as_error(folder: Path) -> Iterator[None]:
+    """Turn a write failure for want of space inside ``folder`` into one DiskFullError."""
+    try:
+        yield
+    except Exception as exc:
+        full = disk_full_error(exc, folder)
+        if full is None:
+            raise
+        raise full from exc
 
 
 def resolve_root(location: str, base: Path | None = None) -> tuple[Path, str | None]:
@@ -81,14 +131,22 @@ class Workspace:
         return f"{self.remote}/{self.run_id}/{step}"
 
     @classmethod
-    def latest(cls, root: Path, remote: str | None = None) -> Workspace:
-        """The run in ``root`` changed most recently (a step publishes by renaming into its folder)."""
+    def latest(cls, root: Path, pipeline: str, config_hash: str, remote: str | None = None) -> Workspace:
+        """The run of this pipeline and config (by its run marker) in ``root`` changed most recently
+        (a step publishes by renaming into its folder). Runs of other pipelines or configs never
+        qualify: a step run alone must not touch them."""
         runs = (
             [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
         )
         if not runs:
             raise WorkspaceError(f"{root}: no runs yet; start one with 'terrabeam run CONFIG'")
-        return cls(root, max(runs, key=lambda p: p.stat().st_mtime_ns).name, remote)
+        mine = [p for p in runs if read_run_marker(p) == {"pipeline": pipeline, "config_hash": config_hash}]
+        if not mine:
+            raise WorkspaceError(
+                f"{root}: no run of pipeline {pipeline!r} with this configuration (hash {config_hash}); "
+                "start one with 'terrabeam run CONFIG' or 'terrabeam export CONFIG', or name one with --run"
+            )
+        return cls(root, max(mine, key=lambda p: p.stat().st_mtime_ns).name, remote)
 
     def ensure_writable(self) -> None:
         """Create the run folder and prove it is writable, before any work starts."""
@@ -98,10 +156,42 @@ class Workspace:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise WorkspaceError(
+            raise disk_full_error(exc, self.run_dir) or WorkspaceError(
                 f"workspace {self.run_dir} is not writable ({exc.strerror or exc}); "
                 "set 'workspace:' in the config or --workspace to a writable folder"
             ) from None
+
+    def claim(self, pipeline: str, config_hash: str, same_config: bool) -> None:
+        """Write the run marker of a new run folder; refuse a run made by another pipeline (or, with
+        ``same_config``, by another configuration of it)."""
+        self.ensure_writable()
+        path = self.run_dir / RUN_MARKER
+        if not path.exists() and self.remote is not None:  # a fresh mirror: the run may exist remotely
+            from terrabeam import storage
+
+            uri = f"{self.remote}/{self.run_id}/{RUN_MARKER}"
+            if storage.exists(uri):
+                storage.copy_file(uri, str(path))
+        marker = read_run_marker(self.run_dir)
+        if marker is None:
+            if path.exists():
+                raise WorkspaceError(f"{path}: not a terrabeam run marker; is {self.run_dir} a run folder?")
+            if any(self.run_dir.iterdir()):
+                return  # a run folder made before run markers existed: nothing to compare with
+            with disk_full_as_error(self.run_dir):
+                path.write_text(json.dumps({"pipeline": pipeline, "config_hash": config_hash}) + "\n")
+            self.upload_file(path)
+            return
+        if marker["pipeline"] != pipeline:
+            raise WorkspaceError(
+                f"run {self.run_id} belongs to pipeline {marker['pipeline']!r}, not {pipeline!r} ({path}); "
+                "give another --run"
+            )
+        if same_config and marker["config_hash"] != config_hash:
+            raise WorkspaceError(
+                f"run {self.run_id} was made with another configuration of {pipeline!r} (hash "
+                f"{marker['config_hash']}, now {config_hash}; {path}); start a new run instead"
+            )
 
     def step_dir(self, step: str) -> Path:
         return self.run_dir / step
@@ -131,9 +221,10 @@ class Workspace:
         """Yield an empty staging folder; on success it replaces the step's folder in one rename."""
         self.ensure_writable()
         staging = self.run_dir / f".{step}.staging-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
         try:
-            yield staging
+            with disk_full_as_error(staging):
+                staging.mkdir()
+                yield staging
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -202,3 +293,14 @@ class Workspace:
 
     def _publish_locally(self, folder: Path, step: str) -> None:
         replace_folder(folder, self.step_dir(step))
+
+
+def read_run_marker(run_dir: Path) -> dict[str, str] | None:
+    """The run marker's pipeline and config hash, or None if the folder has none (or not a valid one)."""
+    try:
+        data = json.loads((run_dir / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not {"pipeline", "config_hash"} <= data.keys():
+        return None
+    return {"pipeline": str(data["pipeline"]), "config_hash": str(data["config_hash"])}
