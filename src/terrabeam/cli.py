@@ -29,8 +29,8 @@ A run has three steps, each writing a folder in the run workspace <workspace>/<r
   export   rasters → Earth Engine-layout TFRecord patches + mixer.json   (export/)
   predict  patches → model (Beam RunInference) → prediction patches      (predict/)
   deliver  prediction patches → class + probability COGs, quicklook PNG  (deliver/)
-'run' does all three and writes <run>/summary.json. Options terrabeam does not know
-(e.g. --runner=DataflowRunner --project=…) are passed to Beam."""
+'run' does all three and writes <run>/summary.json. Apache Beam's own options
+(e.g. --runner=DataflowRunner --project=…) are passed to Beam; any other option is an error."""
 
 
 def _common(parser: argparse.ArgumentParser, new_run: bool, with_run: bool = True) -> None:
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "until SIGTERM (see 'schedule:' in the config)",
     }
     beam_epilog = (
-        "Other --options go to Apache Beam's PipelineOptions and win over the config's runner: section, "
+        "Apache Beam's own options go to its PipelineOptions and win over the config's runner: section, "
         "e.g. --runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing."
     )
     for name, text in helps.items():
