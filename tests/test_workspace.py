@@ -1,6 +1,8 @@
-"""Run folders: unique ids, the latest run, atomic publishing of a step's folder."""
+"""Run folders: unique ids, the latest run of a config, atomic publishing of a step's folder, full disks."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -42,3 +44,26 @@ def test_latest_and_missing_step(tmp_path):
         Workspace.latest(tmp_path, "q", "h1")
     with pytest.raises(WorkspaceError, match="step 'predict' has no finished output in run a"):
         Workspace(tmp_path, "a").require_step("predict")
+
+
+def test_disk_full_error_names_the_file_and_spares_other_errors(tmp_path, monkeypatch):
+    import errno
+
+    from terrabeam import workspace
+    from terrabeam.errors import DiskFullError, InputError
+    from terrabeam.workspace import disk_full_error
+
+    (tmp_path / "a.tif").write_bytes(b"")
+    (tmp_path / "b.tif").write_bytes(b"")
+    os.utime(tmp_path / "a.tif", (1, 1))
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert str(disk_full_error(full, tmp_path)) == f"no space left on device writing {tmp_path / 'b.tif'}"
+    named = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "a.tif"))
+    assert str(disk_full_error(named, tmp_path)) == f"no space left on device writing {tmp_path / 'a.tif'}"
+    # GDAL's write errors carry no errno: they count as a full disk only on a nearly full device
+    gdal = OSError("Write failed. See previous exception for details.")
+    assert disk_full_error(gdal, tmp_path) is None
+    monkeypatch.setattr(workspace, "_free_bytes", lambda folder: 4096)
+    assert isinstance(disk_full_error(gdal, tmp_path), DiskFullError)
+    assert disk_full_error(KeyError("class"), tmp_path) is None  # a bug, not a write
+    assert disk_full_error(InputError("a.tif: band 2 missing"), tmp_path) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+from collections.abc import Iterator
 from typing import TypeVar
 
 E = TypeVar("E", bound=BaseException)
@@ -77,16 +78,19 @@ class Interrupted(KeyboardInterrupt):
         return self.args[0]
 
 
-def find_cause(exc: BaseException | None, kind: type[E]) -> E | None:
-    """The first exception of ``kind`` in ``exc``'s chain (Beam re-raises worker errors wrapped, or
-    as a RuntimeError whose context is the original)."""
+def chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, outermost first."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, kind):
-            return exc
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return None
+
+
+def find_cause(exc: BaseException | None, kind: type[E]) -> E | None:
+    """The first exception of ``kind`` in ``exc``'s chain (Beam re-raises worker errors wrapped, or
+    as a RuntimeError whose context is the original)."""
+    return next((e for e in chain(exc) if isinstance(e, kind)), None)
 
 
 def signal_number(interrupt: KeyboardInterrupt) -> int:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from terrabeam.errors import DiskFullError, TerrabeamError, WorkspaceError
+from terrabeam.errors import DiskFullError, TerrabeamError, WorkspaceError, chain
 
 STEPS = ("export", "predict", "deliver")
 COMPLETE = "_COMPLETE.json"
@@ -34,24 +34,24 @@ NEARLY_FULL_BYTES = 16 * 2**20
 
 def disk_full_error(exc: BaseException, folder: Path) -> DiskFullError | None:
     """``exc`` as a DiskFullError naming the file, if a write into ``folder`` failed for want of
-    space (ENOSPC or EDQUOT in its chain, or any error while the device is nearly full); else None.
+    space: ENOSPC or EDQUOT in its chain, or an I/O error (OSError, GDAL's CPLE_*) while the device
+    is nearly full; else None (also for terrabeam's own errors, a DiskFullError among them).
 
     The file is the one the error names, else the newest file in ``folder`` (the one being
     written), else ``folder`` itself."""
-    named = None
-    if isinstance(exc, TerrabeamError) and not isinstance(exc, DiskFullError):
-        return None  # terrabeam's own verdict on the input or config, not a failed write
-    cause: BaseException | None = exc
-    seen = set()
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            named = cause.filename or ""
-            break
-        cause = cause.__cause__ or cause.__context__
-    if named is None and _free_bytes(folder) >= NEARLY_FULL_BYTES:
+    if isinstance(exc, TerrabeamError):
         return None
-    return DiskFullError(f"no space left on device writing {named or _newest_file(folder)}")
+    causes = list(chain(exc))
+    full = next(
+        (e for e in causes if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)), None
+    )
+    if full is None:
+        io_error = any(isinstance(e, OSError) or type(e).__name__.startswith("CPLE_") for e in causes)
+        if not io_error or _free_bytes(folder) >= NEARLY_FULL_BYTES:
+            return None
+    return DiskFullError(
+        f"no space left on device writing {(full and full.filename) or _newest_file(folder)}"
+    )
 
 
 def _free_bytes(folder: Path) -> int:
