@@ -24,6 +24,7 @@ from terrabeam.errors import (
     TerrabeamError,
     TransientError,
     WorkspaceError,
+    chain,
     describe,
     find_cause,
     signal_number,
@@ -46,17 +47,14 @@ _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 def is_transient(exc: BaseException) -> bool:
     """Network trouble, HTTP 408/429/5xx, lost workers: worth another attempt. terrabeam's own
     errors (bad config, input, model) and anything unknown are permanent."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, TransientError | ConnectionError | TimeoutError):
+    for cause in chain(exc):
+        if isinstance(cause, TransientError | ConnectionError | TimeoutError):
             return True
-        status = getattr(getattr(exc, "resp", None), "status", None) or getattr(exc, "status_code", None)
+        status = getattr(getattr(cause, "resp", None), "status", None) or getattr(cause, "status_code", None)
         if isinstance(status, int) and status in _TRANSIENT_HTTP:
             return True
-        if isinstance(exc, TerrabeamError):
+        if isinstance(cause, TerrabeamError):
             return False
-        exc = exc.__cause__ or exc.__context__
     return False
 
 
