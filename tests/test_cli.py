@@ -152,6 +152,11 @@ def test_steps_alone_never_touch_another_pipelines_run(tmp_path, tiny_pipeline, 
         "config_hash": load_config(other).fingerprint(),
     }
 
+    # a run folder made before run markers existed is found through the run history
+    (ws / "w" / "run.json").unlink()
+    assert main(["deliver", str(water)]) == 0
+    assert json.loads(capsys.readouterr().out)["run"] == "w"
+
     assert main(["deliver", str(water), "--run", "o"]) == 1
     assert "run o belongs to pipeline 'other', not 'tiny'" in capsys.readouterr().err
     third = write(document | {"name": "third"}, "third.yaml")

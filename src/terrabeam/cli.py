@@ -215,9 +215,23 @@ def _workspace(config: PipelineConfig, args: argparse.Namespace, new_run: bool) 
     elif new_run:
         workspace = Workspace(root, new_run_id(root), remote)
     else:
-        workspace = Workspace.latest(root, config.name, config.fingerprint(), remote)
+        recorded = _recorded_runs(root, config)
+        workspace = Workspace.latest(root, config.name, config.fingerprint(), remote, recorded)
     workspace.claim(config.name, config.fingerprint(), same_config=False)
     return workspace
+
+
+def _recorded_runs(root: Path, config: PipelineConfig) -> list[str]:
+    """Ids of the runs the workspace's history records for this pipeline and config."""
+    from terrabeam.workflow.state import RunState
+
+    if not (root / "terrabeam.db").exists():
+        return []
+    state = RunState(root / "terrabeam.db")
+    try:
+        return [r.id for r in state.list_runs(config.name) if r.config_hash == config.fingerprint()]
+    finally:
+        state.close()
 
 
 def _history_command(args: argparse.Namespace, beam_args: list[str]) -> int:

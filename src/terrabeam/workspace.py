@@ -16,7 +16,7 @@ import errno
 import json
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -131,16 +131,25 @@ class Workspace:
         return f"{self.remote}/{self.run_id}/{step}"
 
     @classmethod
-    def latest(cls, root: Path, pipeline: str, config_hash: str, remote: str | None = None) -> Workspace:
-        """The run of this pipeline and config (by its run marker) in ``root`` changed most recently
-        (a step publishes by renaming into its folder). Runs of other pipelines or configs never
-        qualify: a step run alone must not touch them."""
+    def latest(
+        cls,
+        root: Path,
+        pipeline: str,
+        config_hash: str,
+        remote: str | None = None,
+        recorded: Collection[str] = (),
+    ) -> Workspace:
+        """The run of this pipeline and config in ``root`` changed most recently (a step publishes by
+        renaming into its folder): by its run marker, or for a folder without one (made before
+        markers existed) by ``recorded``, the ids the run history gives this pipeline and config.
+        Runs of other pipelines or configs never qualify: a step run alone must not touch them."""
         runs = (
             [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
         )
         if not runs:
             raise WorkspaceError(f"{root}: no runs yet; start one with 'terrabeam run CONFIG'")
-        mine = [p for p in runs if read_run_marker(p) == {"pipeline": pipeline, "config_hash": config_hash}]
+        wanted = {"pipeline": pipeline, "config_hash": config_hash}
+        mine = [p for p in runs if (m := read_run_marker(p)) == wanted or (m is None and p.name in recorded)]
         if not mine:
             raise WorkspaceError(
                 f"{root}: no run of pipeline {pipeline!r} with this configuration (hash {config_hash}); "
