@@ -35,7 +35,7 @@ def _published(tmp_path, run="r"):
 def test_tiny_pipeline_runs(tmp_path, tiny_pipeline):
     document, write = tiny_pipeline
     assert main(["run", str(write()), "--run", "r"]) == 0
-    assert _published(tmp_path) == ["deliver", "summary.json"]
+    assert _published(tmp_path) == ["deliver", "run.json", "summary.json"]
 
 
 def test_missing_file_names_field_and_path(tmp_path, tiny_pipeline, capsys):

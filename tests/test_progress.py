@@ -31,3 +31,17 @@ def test_bar_on_a_terminal(caplog):
         progress.advance(5)
     assert "export" in terminal.getvalue() and "5/5" in terminal.getvalue()
     assert caplog.records == []
+
+
+def test_quiet_shows_neither_bar_nor_lines(caplog):
+    """terrabeam -q sets the progress logger to WARNING."""
+    logger = logging.getLogger("terrabeam.progress")
+    before = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        terminal = _Terminal()
+        with Progress("export", 5, stream=terminal) as progress:
+            progress.advance(5)
+    finally:
+        logger.setLevel(before)
+    assert terminal.getvalue() == "" and caplog.records == []

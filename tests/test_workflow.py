@@ -1,10 +1,11 @@
-"""Runs with memory: retries, permanent failures, resume after SIGKILL, concurrent runs, history.
-Synthetic scene and 1×1-conv model (tiny_pipeline), except the SIGKILL test (real scene and U-Net)."""
+"""Runs with memory: retries, permanent failures, resume after SIGKILL, SIGINT and SIGTERM, concurrent
+runs, history. Synthetic scene and 1×1-conv model (tiny_pipeline), except the SIGKILL test (real scene and U-Net)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,4 +182,67 @@ def test_run_removes_folders_left_by_a_killed_step(tmp_path, tiny_pipeline):
     (leftover / "tiny-00000.tfrecord.gz").write_bytes(b"half")
     assert main(["run", str(write()), "--run", "r"]) == 0
     assert not leftover.exists()
-    assert sorted(p.name for p in (tmp_path / "ws" / "r").iterdir()) == ["deliver", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "ws" / "r").iterdir()) == [
+        "deliver",
+        "run.json",
+        "summary.json",
+    ]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_mid_run_records_the_run_and_resume_keeps_tiles(signum, tmp_path, tiny_pipeline, capsys):
+    """Ctrl-C or SIGTERM mid-run: exit 130 / 143 with one line, the run 'interrupted', and a resume
+    that says how many map tiles it kept. A 560×400 px scene in tiles of one 32 × 16 patch: 450
+    tiles, so that the run is still going when its first tile appears."""
+    import numpy as np
+    from affine import Affine
+    from conftest import write_raster
+
+    document, write = tiny_pipeline
+    rng = np.random.default_rng(5)
+    for name, band in document["source"]["bands"].items():
+        data = rng.integers(0, 10000, (400, 560)).astype(np.uint16)
+        band["path"] = str(
+            write_raster(tmp_path / f"big-{name}.tif", data, Affine(10, 0, 400000, 0, -10, 5600000))
+        )
+    document["outputs"]["tile_size"] = 16
+    config = write()
+    ws = tmp_path / "ws"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "terrabeam", "run", str(config), "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while (
+        not list(ws.glob("*/.deliver.work/tiles/*-probabilities-*.tif"))
+        and time.time() < deadline
+        and process.poll() is None
+    ):
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before a tile appeared"
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    run = next(p.name for p in ws.iterdir() if (p / ".deliver.work").is_dir())
+    assert process.returncode == 128 + signum
+    assert stderr.splitlines() == [
+        f"terrabeam: interrupted; resume with `terrabeam resume {run} --workspace {ws}`"
+    ]
+
+    assert main(["status", run, "--workspace", str(ws), "--json"]) == 1
+    status = json.loads(capsys.readouterr().out)
+    assert status["status"] == "interrupted"
+    assert [(s["name"], s["status"]) for s in status["steps"]] == [("map", "interrupted")]
+    name = signal.Signals(signum).name
+    assert status["steps"][0]["error"] == f"interrupted by {name}"
+
+    # `resume RUN`, or `run` of the same config, continues it
+    again = ["resume", run, "--workspace", str(ws)] if signum == signal.SIGTERM else ["run", str(config)]
+    resumed = subprocess.run(
+        [sys.executable, "-m", "terrabeam", *again, "-q"], capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert re.search(rf"run {run}: [1-9]\d* of 450 map tiles kept", resumed.stderr), resumed.stderr
+    assert main(["runs", "--workspace", str(ws), "--json"]) == 0
+    assert [r["status"] for r in json.loads(capsys.readouterr().out)] == ["done"]

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from terrabeam import __version__
 from terrabeam.config import PipelineConfig, load_config
-from terrabeam.errors import ConfigError, TerrabeamError, WorkspaceError
+from terrabeam.errors import Interrupted, WorkspaceError, describe, find_cause, signal_number
 from terrabeam.workspace import Workspace, new_run_id, resolve_root
+
+# Commands whose unknown --options go to Apache Beam (checked against Beam's own option parser).
+BEAM_COMMANDS = ("run", "predict", "resume", "schedule")
 
 DESCRIPTION = """\
 Run a trained model over satellite imagery, patch by patch, on Apache Beam.
@@ -21,8 +29,8 @@ A run has three steps, each writing a folder in the run workspace <workspace>/<r
   export   rasters → Earth Engine-layout TFRecord patches + mixer.json   (export/)
   predict  patches → model (Beam RunInference) → prediction patches      (predict/)
   deliver  prediction patches → class + probability COGs, quicklook PNG  (deliver/)
-'run' does all three and writes <run>/summary.json. Options terrabeam does not know
-(e.g. --runner=DataflowRunner --project=…) are passed to Beam."""
+'run' does all three and writes <run>/summary.json. Apache Beam's own options
+(e.g. --runner=DataflowRunner --project=…) are passed to Beam; any other option is an error."""
 
 
 def _common(parser: argparse.ArgumentParser, new_run: bool, with_run: bool = True) -> None:
@@ -42,12 +50,46 @@ def _common(parser: argparse.ArgumentParser, new_run: bool, with_run: bool = Tru
     )
 
 
+def parse_window(text: str) -> tuple[str, str]:
+    """``--window START/END``: ISO dates or datetimes (without a zone: UTC), START before END."""
+    start, slash, end = text.partition("/")
+    if not slash:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected START/END, e.g. 2024-01-01/2024-02-01")
+    moments = []
+    for part in (start, end):
+        try:
+            moment = datetime.fromisoformat(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} in {text!r} is not an ISO date or datetime (e.g. 2024-01-01 or 2024-01-01T06:00Z)"
+            ) from None
+        moments.append(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    if moments[0] >= moments[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: START must be before END (END is exclusive)")
+    return start, end
+
+
+def _verbosity(parser: argparse.ArgumentParser, top: bool) -> None:
+    """-v / -q, before or after the sub-command (a sub-command's default must not undo the top's)."""
+    default = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log progress (and Beam's) at INFO, tracebacks",
+        **default,
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines", **default)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="terrabeam", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"terrabeam {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (and Beam's) at INFO")
+    _verbosity(parser, top=True)
+    verbosity = argparse.ArgumentParser(add_help=False)
+    _verbosity(verbosity, top=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
         "run": "export, predict and deliver, recorded in the workspace's run history; a re-run of the "
@@ -60,17 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
         "until SIGTERM (see 'schedule:' in the config)",
     }
     beam_epilog = (
-        "Other --options go to Apache Beam's PipelineOptions and win over the config's runner: section, "
+        "Apache Beam's own options go to its PipelineOptions and win over the config's runner: section, "
         "e.g. --runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing."
     )
     for name, text in helps.items():
         epilog = beam_epilog if name in ("run", "predict") else None
-        sub = commands.add_parser(name, help=text, description=text, epilog=epilog)
+        sub = commands.add_parser(name, help=text, description=text, epilog=epilog, parents=[verbosity])
+        sub.set_defaults(command_parser=sub)
         _common(sub, new_run=name in ("run", "export"), with_run=name not in ("schedule", "validate"))
         if name == "schedule":
             sub.add_argument("--once", action="store_true", help="run the due windows, then exit")
         if name == "run":
-            sub.add_argument("--window", help="time window START/END (ISO dates) this run covers")
+            sub.add_argument(
+                "--window",
+                type=parse_window,
+                help="time window START/END (ISO dates or datetimes, END exclusive) this run covers",
+            )
             sub.add_argument("--force", action="store_true", help="start a new run even if one was delivered")
             sub.add_argument(
                 "--no-wait",
@@ -90,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Cloud Scheduler, a service account, deploy.sh",
         description="Render the Google Cloud deployment of CONFIG into DIR (see README, 'Deploy to "
         "Google Cloud'). Needs runner.kind: dataflow, runner.service_account and deploy.gcp.workspace.",
+        parents=[verbosity],
     )
+    gcp.set_defaults(command_parser=gcp)
     gcp.add_argument("config", type=Path, help="pipeline YAML file")
     gcp.add_argument("--out", type=Path, required=True, help="folder to render into (replaced whole)")
     history = {
@@ -100,8 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, text in history.items():
         sub = commands.add_parser(
-            name, help=text, description=text, epilog=beam_epilog if name == "resume" else None
+            name,
+            help=text,
+            description=text,
+            epilog=beam_epilog if name == "resume" else None,
+            parents=[verbosity],
         )
+        sub.set_defaults(command_parser=sub)
         if name != "runs":
             sub.add_argument("run_id", metavar="RUN", help="run id")
         sub.add_argument(
@@ -116,24 +170,32 @@ def _print_runs(records, as_json: bool) -> None:
     if as_json:
         print(json.dumps([r.to_dict() for r in records], indent=2, default=str))
         return
-    print(f"{'run':<22} {'pipeline':<24} {'status':<8} {'seconds':>8} {'pixels':>10}  window")
+    print(f"{'run':<22} {'pipeline':<24} {'status':<11} {'seconds':>8} {'pixels':>10}  window")
     for r in records:
         seconds = sum(s.seconds or 0 for s in r.steps)
         window = f"{r.window_start}/{r.window_end}" if r.window_start else "-"
-        print(f"{r.id:<22} {r.pipeline:<24} {r.status:<8} {seconds:>8.1f} {r.pixels or 0:>10}  {window}")
+        print(f"{r.id:<22} {r.pipeline:<24} {r.status:<11} {seconds:>8.1f} {r.pixels or 0:>10}  {window}")
 
 
 def _print_status(record, as_json: bool) -> None:
+    """One run; of its recorded outputs only those still there (a later deliver may have replaced
+    them), with a count of the ones gone."""
+    present = [o for o in record.outputs if "://" in o or Path(o).exists()]
+    gone = [o for o in record.outputs if o not in present]
     if as_json:
-        print(json.dumps(record.to_dict(), indent=2, default=str))
+        print(
+            json.dumps(record.to_dict() | {"outputs": present, "outputs_gone": gone}, indent=2, default=str)
+        )
         return
     print(f"run {record.id}  pipeline {record.pipeline}  status {record.status}  config {record.config_hash}")
-    print(f"{'step':<10} {'status':<8} {'attempts':>8} {'seconds':>8}  error / outputs")
+    print(f"{'step':<10} {'status':<11} {'attempts':>8} {'seconds':>8}  error / outputs")
     for s in record.steps:
         detail = s.error or ", ".join(f"{k}={v}" for k, v in s.outputs.items() if k != "outputs") or ""
-        print(f"{s.name:<10} {s.status:<8} {s.attempts:>8} {(s.seconds or 0):>8.1f}  {detail[:100]}")
-    for output in record.outputs:
+        print(f"{s.name:<10} {s.status:<11} {s.attempts:>8} {(s.seconds or 0):>8.1f}  {detail[:100]}")
+    for output in present:
         print(f"output  {output}")
+    if gone:
+        print(f"({len(gone)} recorded output(s) no longer exist)")
 
 
 def _root(config: PipelineConfig, args: argparse.Namespace) -> tuple[Path, str | None]:
@@ -145,10 +207,31 @@ def _root(config: PipelineConfig, args: argparse.Namespace) -> tuple[Path, str |
 
 
 def _workspace(config: PipelineConfig, args: argparse.Namespace, new_run: bool) -> Workspace:
+    """The run a step alone works on: --run, else a new one (export) or the latest run of this
+    pipeline and config. Never a run another pipeline made."""
     root, remote = _root(config, args)
     if args.run_id:
-        return Workspace(root, args.run_id, remote)
-    return Workspace(root, new_run_id(root), remote) if new_run else Workspace.latest(root, remote)
+        workspace = Workspace(root, args.run_id, remote)
+    elif new_run:
+        workspace = Workspace(root, new_run_id(root), remote)
+    else:
+        recorded = _recorded_runs(root, config)
+        workspace = Workspace.latest(root, config.name, config.fingerprint(), remote, recorded)
+    workspace.claim(config.name, config.fingerprint(), same_config=False)
+    return workspace
+
+
+def _recorded_runs(root: Path, config: PipelineConfig) -> list[str]:
+    """Ids of the runs the workspace's history records for this pipeline and config."""
+    from terrabeam.workflow.state import RunState
+
+    if not (root / "terrabeam.db").exists():
+        return []
+    state = RunState(root / "terrabeam.db")
+    try:
+        return [r.id for r in state.list_runs(config.name) if r.config_hash == config.fingerprint()]
+    finally:
+        state.close()
 
 
 def _history_command(args: argparse.Namespace, beam_args: list[str]) -> int:
@@ -171,7 +254,7 @@ def _history_command(args: argparse.Namespace, beam_args: list[str]) -> int:
         raise WorkspaceError(f"{root}: no run {args.run_id!r}; see 'terrabeam runs --workspace {root}'")
     if args.command == "status":
         _print_status(record, args.json)
-        return 0 if record.status != "failed" else 1
+        return 1 if record.status in ("failed", "interrupted") else 0
     if not record.config_path:
         raise WorkspaceError(f"run {record.id} has no recorded configuration file; run the config again")
     config = load_config(record.config_path)
@@ -216,97 +299,162 @@ def run_step_alone(name: str, config: PipelineConfig, workspace: Workspace, beam
     from terrabeam.workflow import steps
     from terrabeam.workflow.tasks import RunContext, start_and_poll, task_for
 
-    if name == "predict":  # alone, predict probes the model first (a run did so before export)
-        return steps.predict_step(config, workspace, beam_args)
-    return start_and_poll(
-        task_for(name, config, workspace, beam_args, RunContext(workspace.run_id, created=time.time()))
+    try:
+        if name != "export":
+            steps.check_run_grid(config, workspace, name)
+        if name == "predict":  # alone, predict probes the model first (a run did so before export)
+            return steps.predict_step(config, workspace, beam_args)
+        return start_and_poll(
+            task_for(name, config, workspace, beam_args, RunContext(workspace.run_id, created=time.time()))
+        )
+    except BaseException as exc:
+        interrupt = find_cause(exc, KeyboardInterrupt)
+        if interrupt is None:
+            raise
+        raise Interrupted(
+            f"interrupted; {name} published nothing; run `terrabeam {name} {config.source_path} --run "
+            f"{workspace.run_id}` to continue",
+            signal_number(interrupt),
+            workspace.run_id,
+        ) from exc
+
+
+def _option_names(parser: argparse.ArgumentParser) -> list[str]:
+    return [name for action in parser._actions for name in action.option_strings]
+
+
+def _beam_option_parser() -> argparse.ArgumentParser:
+    """Apache Beam's own option parser, with every option its PipelineOptions classes define (as
+    ``PipelineOptions.get_all_options`` builds it)."""
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)
+    return parser
+
+
+def check_extra_arguments(args: argparse.Namespace, extra: list[str]) -> None:
+    """Arguments the sub-command does not know are errors (exit 2) with a suggestion, except Beam's
+    own options where the command runs Beam: a misspelt --force must not pass to Beam silently."""
+    own = _option_names(args.command_parser)
+    beam: list[str] = []
+    unknown = extra
+    if extra and args.command in BEAM_COMMANDS:
+        beam_parser = _beam_option_parser()
+        beam = _option_names(beam_parser)
+        _, unknown = beam_parser.parse_known_args(extra)
+    for arg in unknown:
+        if arg.startswith("-"):
+            flag = arg.partition("=")[0]
+            close = difflib.get_close_matches(flag, own, cutoff=0.75) or difflib.get_close_matches(
+                flag, beam, cutoff=0.75
+            )
+            hint = f"; did you mean {close[0]}?" if close else ""
+            what = (
+                "a terrabeam or Apache Beam option" if beam else f"an option of '{args.command_parser.prog}'"
+            )
+            args.command_parser.error(f"unknown option {flag} (not {what}){hint}")
+    if unknown:
+        args.command_parser.error(f"unexpected arguments: {' '.join(unknown)}")
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    """One line per error: Beam logs a failed bundle's traceback at ERROR (apache_beam.runners.common)
+    and harmless start-up warnings on the root logger; both only with --verbose. Configured before
+    Beam is first imported."""
+    verbose, quiet = args.verbose, args.quiet and not args.verbose
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("apache_beam").setLevel(logging.INFO if verbose else logging.CRITICAL)
+    logging.getLogger("terrabeam").setLevel(logging.INFO if verbose else logging.WARNING)
+    # the progress bar's stand-in off a terminal; -q silences it (and the bar: progress.py asks)
+    logging.getLogger("terrabeam.progress").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
-def _root_cause(exc: BaseException) -> TerrabeamError | None:
-    """Beam re-raises worker errors wrapped or with extra text; find terrabeam's own error inside."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, TerrabeamError):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}", signum)
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted in the main thread, so that a run records itself as
+    interrupted and the command exits 130 / 143 with one line (SIGTERM would otherwise end the
+    process silently, leaving the run 'running')."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, beam_args = parser.parse_known_args(argv)
-    unknown = [a for a in beam_args if not a.startswith("--")]
-    if unknown:
-        parser.error(f"unexpected arguments: {' '.join(unknown)}")
-    if beam_args and args.command not in ("run", "predict", "resume", "schedule"):
-        parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
-    # Beam logs harmless start-up warnings on the root logger (missing optional GCP clients, no
-    # resource module): quiet unless --verbose. Configured before Beam is first imported.
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("terrabeam").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    logging.getLogger("terrabeam.progress").setLevel(logging.INFO)  # the bar's stand-in off a terminal
+    args, extra = parser.parse_known_args(argv)
+    check_extra_arguments(args, extra)
+    _configure_logging(args)
+    try:
+        with _interruptible():
+            return _dispatch(args, extra)
+    except BaseException as exc:  # the CLI boundary: report the cause in one line, never a traceback
+        interrupt = find_cause(exc, KeyboardInterrupt)
+        if interrupt is not None:
+            message = interrupt if isinstance(interrupt, Interrupted) and interrupt.run_id else "interrupted"
+            print(f"terrabeam: {message}", file=sys.stderr)
+            return 128 + signal_number(interrupt)
+        if not isinstance(exc, Exception) or args.verbose:
+            raise
+        print(f"terrabeam: error: {describe(exc)}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
     from terrabeam.workflow import steps
     from terrabeam.workflow.runner import Runner
 
-    try:
-        if args.command in ("runs", "status", "resume"):
-            return _history_command(args, beam_args)
-        config = load_config(args.config)
-        if args.command == "deploy":
-            from terrabeam.deploy.gcp import render_gcp
+    if args.command in ("runs", "status", "resume"):
+        return _history_command(args, beam_args)
+    config = load_config(args.config)
+    if args.command == "deploy":
+        from terrabeam.deploy.gcp import render_gcp
 
-            files = render_gcp(config, args.out)
-            print(f"{args.out}: {len(files)} files; review them, then run {args.out / 'deploy.sh'}")
-            return 0
-        if args.command == "validate":
-            steps.validate(config)
-            print(f"{args.config}: valid (config hash {config.fingerprint()})")
-            return 0
-        root, remote = _root(config, args)
-        if args.command == "schedule":
-            return _schedule(config, root, remote, args.once, beam_args)
-        if args.command == "run":
-            window = tuple(args.window.split("/", 1)) if args.window else None
-            if window is not None and len(window) != 2:
-                raise ConfigError(f"--window {args.window!r}: expected START/END")
-            runner = Runner(config, root, remote=remote)
-            record = runner.run(args.run_id, window, beam_args, args.force, not args.no_wait)
-            print(json.dumps(record.outputs, indent=2))
-            summary = f"{Workspace(root, record.id, remote).location}/summary.json"
-            print(f"run {record.id}: {record.status}; summary: {summary}")
-            return 0
-        if args.command == "predict":
-            report_args = beam_args
-        else:
-            report_args = []
-            steps.check_access(config)
-        workspace = _workspace(config, args, new_run=args.command == "export")
-        workspace.ensure_writable()
-        report = run_step_alone(args.command, config, workspace, report_args)
-        print(
-            json.dumps(
-                {"run": workspace.run_id, "step": report.name, "seconds": round(report.seconds, 3)}
-                | report.details,
-                indent=2,
-            )
-        )
+        files = render_gcp(config, args.out)
+        print(f"{args.out}: {len(files)} files; review them, then run {args.out / 'deploy.sh'}")
         return 0
-    except KeyboardInterrupt:
-        print("terrabeam: interrupted; no step folder was published for the unfinished step", file=sys.stderr)
-        return 130
-    except Exception as exc:  # the CLI boundary: report the cause in one line, never a traceback
-        cause = _root_cause(exc)
-        if cause is None:
-            if args.verbose:
-                raise
-            print(f"terrabeam: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
-        print(f"terrabeam: error: {cause}", file=sys.stderr)
-        return 1
+    if args.command == "validate":
+        steps.validate(config)
+        print(f"{args.config}: valid (config hash {config.fingerprint()})")
+        return 0
+    root, remote = _root(config, args)
+    if args.command == "schedule":
+        return _schedule(config, root, remote, args.once, beam_args)
+    if args.command == "run":
+        runner = Runner(config, root, remote=remote)
+        record = runner.run(args.run_id, args.window, beam_args, args.force, not args.no_wait)
+        print(json.dumps(record.outputs, indent=2))
+        summary = f"{Workspace(root, record.id, remote).location}/summary.json"
+        print(f"run {record.id}: {record.status}; summary: {summary}")
+        return 0
+    if args.command == "predict":
+        report_args = beam_args
+    else:
+        report_args = []
+        steps.check_access(config)
+    workspace = _workspace(config, args, new_run=args.command == "export")
+    report = run_step_alone(args.command, config, workspace, report_args)
+    print(
+        json.dumps(
+            {"run": workspace.run_id, "step": report.name, "seconds": round(report.seconds, 3)}
+            | report.details,
+            indent=2,
+        )
+    )
+    return 0
 
 
 if __name__ == "__main__":

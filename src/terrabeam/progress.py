@@ -24,8 +24,8 @@ class Progress:
         self._next_report = 0.1
         self._bar = (
             tqdm(total=total, desc=label, unit=unit, file=self.stream, leave=True, dynamic_ncols=True)
-            if getattr(self.stream, "isatty", lambda: False)()
-            else None
+            if getattr(self.stream, "isatty", lambda: False)() and log.level <= logging.INFO
+            else None  # off a terminal: log lines; none either once set above INFO (terrabeam -q)
         )
 
     def advance(self, count: int = 1) -> None:

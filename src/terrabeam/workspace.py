@@ -12,18 +12,69 @@ is unfinished. A step whose input is not in the mirror downloads it from a compl
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from terrabeam.errors import WorkspaceError
+from terrabeam.errors import DiskFullError, TerrabeamError, WorkspaceError, chain
 
 STEPS = ("export", "predict", "deliver")
+FOLDERS = {"map": "deliver"}  # the one-pipeline step publishes the map where deliver does
 COMPLETE = "_COMPLETE.json"
+RUN_MARKER = "run.json"  # {"pipeline", "config_hash"} of the config that made the run folder
+
+# GDAL reports a full disk without an errno ("Write failed", "TIFFAppendToStrip:Seek error"): a
+# write error on a device with less than this left is taken for a full disk.
+NEARLY_FULL_BYTES = 16 * 2**20
+
+
+def disk_full_error(exc: BaseException, folder: Path) -> DiskFullError | None:
+    """``exc`` as a DiskFullError naming the file, if a write into ``folder`` failed for want of
+    space: ENOSPC or EDQUOT in its chain, or an I/O error (OSError, GDAL's CPLE_*) while the device
+    is nearly full; else None (also for terrabeam's own errors, a DiskFullError among them).
+
+    The file is the one the error names, else the newest file in ``folder`` (the one being
+    written), else ``folder`` itself."""
+    if isinstance(exc, TerrabeamError):
+        return None
+    causes = list(chain(exc))
+    full = next(
+        (e for e in causes if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)), None
+    )
+    if full is None:
+        io_error = any(isinstance(e, OSError) or type(e).__name__.startswith("CPLE_") for e in causes)
+        if not io_error or _free_bytes(folder) >= NEARLY_FULL_BYTES:
+            return None
+    return DiskFullError(
+        f"no space left on device writing {(full and full.filename) or _newest_file(folder)}"
+    )
+
+
+def _free_bytes(folder: Path) -> int:
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def _newest_file(folder: Path) -> Path:
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else folder
+
+
+@contextmanager
+def disk_full_as_error(folder: Path) -> Iterator[None]:
+    """Turn a write failure for want of space inside ``folder`` into one DiskFullError."""
+    try:
+        yield
+    except Exception as exc:
+        full = disk_full_error(exc, folder)
+        if full is None:
+            raise
+        raise full from exc
 
 
 def resolve_root(location: str, base: Path | None = None) -> tuple[Path, str | None]:
@@ -81,14 +132,31 @@ class Workspace:
         return f"{self.remote}/{self.run_id}/{step}"
 
     @classmethod
-    def latest(cls, root: Path, remote: str | None = None) -> Workspace:
-        """The run in ``root`` changed most recently (a step publishes by renaming into its folder)."""
+    def latest(
+        cls,
+        root: Path,
+        pipeline: str,
+        config_hash: str,
+        remote: str | None = None,
+        recorded: Collection[str] = (),
+    ) -> Workspace:
+        """The run of this pipeline and config in ``root`` changed most recently (a step publishes by
+        renaming into its folder): by its run marker, or for a folder without one (made before
+        markers existed) by ``recorded``, the ids the run history gives this pipeline and config.
+        Runs of other pipelines or configs never qualify: a step run alone must not touch them."""
         runs = (
             [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
         )
         if not runs:
             raise WorkspaceError(f"{root}: no runs yet; start one with 'terrabeam run CONFIG'")
-        return cls(root, max(runs, key=lambda p: p.stat().st_mtime_ns).name, remote)
+        wanted = {"pipeline": pipeline, "config_hash": config_hash}
+        mine = [p for p in runs if (m := read_run_marker(p)) == wanted or (m is None and p.name in recorded)]
+        if not mine:
+            raise WorkspaceError(
+                f"{root}: no run of pipeline {pipeline!r} with this configuration (hash {config_hash}); "
+                "start one with 'terrabeam run CONFIG' or 'terrabeam export CONFIG', or name one with --run"
+            )
+        return cls(root, max(mine, key=lambda p: p.stat().st_mtime_ns).name, remote)
 
     def ensure_writable(self) -> None:
         """Create the run folder and prove it is writable, before any work starts."""
@@ -98,13 +166,45 @@ class Workspace:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise WorkspaceError(
+            raise disk_full_error(exc, self.run_dir) or WorkspaceError(
                 f"workspace {self.run_dir} is not writable ({exc.strerror or exc}); "
                 "set 'workspace:' in the config or --workspace to a writable folder"
             ) from None
 
+    def claim(self, pipeline: str, config_hash: str, same_config: bool) -> None:
+        """Write the run marker of a new run folder; refuse a run made by another pipeline (or, with
+        ``same_config``, by another configuration of it)."""
+        self.ensure_writable()
+        path = self.run_dir / RUN_MARKER
+        if not path.exists() and self.remote is not None:  # a fresh mirror: the run may exist remotely
+            from terrabeam import storage
+
+            uri = f"{self.remote}/{self.run_id}/{RUN_MARKER}"
+            if storage.exists(uri):
+                storage.copy_file(uri, str(path))
+        marker = read_run_marker(self.run_dir)
+        if marker is None:
+            if path.exists():
+                raise WorkspaceError(f"{path}: not a terrabeam run marker; is {self.run_dir} a run folder?")
+            if any(self.run_dir.iterdir()):
+                return  # a run folder made before run markers existed: nothing to compare with
+            with disk_full_as_error(self.run_dir):
+                path.write_text(json.dumps({"pipeline": pipeline, "config_hash": config_hash}) + "\n")
+            self.upload_file(path)
+            return
+        if marker["pipeline"] != pipeline:
+            raise WorkspaceError(
+                f"run {self.run_id} belongs to pipeline {marker['pipeline']!r}, not {pipeline!r} ({path}); "
+                "give another --run"
+            )
+        if same_config and marker["config_hash"] != config_hash:
+            raise WorkspaceError(
+                f"run {self.run_id} was made with another configuration of {pipeline!r} (hash "
+                f"{marker['config_hash']}, now {config_hash}; {path}); start a new run instead"
+            )
+
     def step_dir(self, step: str) -> Path:
-        return self.run_dir / step
+        return self.run_dir / FOLDERS.get(step, step)
 
     def has_step(self, step: str) -> bool:
         """The step's folder is published here, or complete in the remote workspace."""
@@ -131,9 +231,10 @@ class Workspace:
         """Yield an empty staging folder; on success it replaces the step's folder in one rename."""
         self.ensure_writable()
         staging = self.run_dir / f".{step}.staging-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
         try:
-            yield staging
+            with disk_full_as_error(staging):
+                staging.mkdir()
+                yield staging
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -202,3 +303,14 @@ class Workspace:
 
     def _publish_locally(self, folder: Path, step: str) -> None:
         replace_folder(folder, self.step_dir(step))
+
+
+def read_run_marker(run_dir: Path) -> dict[str, str] | None:
+    """The run marker's pipeline and config hash, or None if the folder has none (or not a valid one)."""
+    try:
+        data = json.loads((run_dir / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not {"pipeline", "config_hash"} <= data.keys():
+        return None
+    return {"pipeline": str(data["pipeline"]), "config_hash": str(data["config_hash"])}

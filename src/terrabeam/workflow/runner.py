@@ -9,14 +9,26 @@ import fcntl
 import json
 import logging
 import random
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from terrabeam.config import PipelineConfig, WorkflowConfig
-from terrabeam.errors import TerrabeamError, TransientError, WorkspaceError
+from terrabeam.errors import (
+    DiskFullError,
+    Interrupted,
+    TerrabeamError,
+    TransientError,
+    WorkspaceError,
+    chain,
+    describe,
+    find_cause,
+    signal_number,
+)
 from terrabeam.workflow import steps
 from terrabeam.workflow.state import RunRecord, RunState
 from terrabeam.workflow.tasks import LocalTask, RunContext, StepTask, start_and_poll, task_for
@@ -35,17 +47,14 @@ _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 def is_transient(exc: BaseException) -> bool:
     """Network trouble, HTTP 408/429/5xx, lost workers: worth another attempt. terrabeam's own
     errors (bad config, input, model) and anything unknown are permanent."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, TransientError | ConnectionError | TimeoutError):
+    for cause in chain(exc):
+        if isinstance(cause, TransientError | ConnectionError | TimeoutError):
             return True
-        status = getattr(getattr(exc, "resp", None), "status", None) or getattr(exc, "status_code", None)
+        status = getattr(getattr(cause, "resp", None), "status", None) or getattr(cause, "status_code", None)
         if isinstance(status, int) and status in _TRANSIENT_HTTP:
             return True
-        if isinstance(exc, TerrabeamError):
+        if isinstance(cause, TerrabeamError):
             return False
-        exc = exc.__cause__ or exc.__context__
     return False
 
 
@@ -167,23 +176,41 @@ class Runner:
     def _execute(self, state: RunState, record: RunRecord, beam_args: Sequence[str]) -> RunRecord:
         config = self.config
         workspace = Workspace(self.root, record.id, self.remote)
-        workspace.ensure_writable()
         for leftover in workspace.remove_leftovers():
             log.warning("removed %s, left by an interrupted step", leftover)
+        workspace.claim(config.name, config.fingerprint(), same_config=True)
         state.reopen_run(record.id)
         reports = []
         try:
             steps.validate_before_run(config)
+            kept = []
             for step in record.steps:
                 if step.status == "done" and workspace.has_step(step.name):
                     reports.append(steps.StepReport(step.name, step.seconds or 0.0, step.outputs))
+                    kept.append(step.name)
                     continue
-                reports.append(self._attempt(state, record, step.name, workspace, beam_args))
+                if kept:
+                    log.warning("run %s: resuming at %s (%s kept)", record.id, step.name, ", ".join(kept))
+                    kept = []
+                report = self._attempt(state, record, step.name, workspace, beam_args)
+                for part, what in (("shards", "prediction shards"), ("tiles", "map tiles")):
+                    if reused := report.details.get(f"{part}_reused"):
+                        log.warning("run %s: %d of %d %s kept", record.id, reused, report.details[part], what)
+                reports.append(report)
                 steps.release_free_memory()
+            summary = steps.write_summary(config, workspace, reports)
         except BaseException as exc:
-            state.finish_run(record.id, "failed", error=_one_line(exc))
-            raise
-        summary = steps.write_summary(config, workspace, reports)
+            interrupt = find_cause(exc, KeyboardInterrupt)
+            status, error = ("failed", _one_line(exc)) if interrupt is None else _interrupted(interrupt)
+            _record(exc, state, partial(state.finish_run, record.id, status, error=error))
+            if interrupt is None:
+                raise
+            where = self.remote or self.root
+            raise Interrupted(
+                f"interrupted; resume with `terrabeam resume {record.id} --workspace {where}`",
+                signal_number(interrupt),
+                record.id,
+            ) from exc
         data = json.loads(summary.read_text())
         state.finish_run(record.id, "done", pixels=data.get("pixels"), outputs=data.get("outputs"))
         return state.get_run(record.id)
@@ -201,11 +228,17 @@ class Runner:
             task = self._task(name, workspace, beam_args, context)
             try:
                 report = self._start_and_poll(task, state, run_id, name)
-            except Exception as exc:
-                transient = is_transient(exc)
-                final = not transient or attempt >= limit
-                state.fail_step(run_id, name, _one_line(exc), final)
-                if final:
+            except BaseException as exc:
+                interrupt = find_cause(exc, KeyboardInterrupt)
+                if interrupt is not None:
+                    status, error = _interrupted(interrupt)
+                elif not isinstance(exc, Exception):
+                    raise
+                else:
+                    status = "pending" if is_transient(exc) and attempt < limit else "failed"
+                    error = _one_line(exc)
+                _record(exc, state, partial(state.fail_step, run_id, name, error, status))
+                if status != "pending":
                     raise
                 delay = self.backoff.delay(attempt, self.rng)
                 log.warning("step %s attempt %d failed (%s); retrying in %.1f s", name, attempt, exc, delay)
@@ -253,5 +286,22 @@ def push_history(root: Path, remote: str | None) -> None:
         storage.copy_file(str(local), f"{remote}/{HISTORY}")
 
 
+def _record(exc: BaseException, state: RunState, write: Callable[[], None]) -> None:
+    """Record how a step or run ended (``write``, a RunState change), best effort: after a full disk
+    the database (often on the same disk) first gets its reserved space back; if it still cannot be
+    written, say so and let the original error through."""
+    if find_cause(exc, DiskFullError) is not None:
+        state.release_reserve()
+    try:
+        write()
+    except TerrabeamError as failure:
+        log.warning("could not record the outcome in the run history: %s", failure)
+
+
+def _interrupted(interrupt: KeyboardInterrupt) -> tuple[str, str]:
+    """(status, error) recorded for an interrupted step or run."""
+    return "interrupted", f"interrupted by {signal.Signals(signal_number(interrupt)).name}"
+
+
 def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:2000]
+    return describe(exc).splitlines()[0][:2000]

@@ -2,11 +2,14 @@
 
 Every change is one transaction, so a crash at any point leaves the database as it was before or
 after that change, never in between. WAL mode lets `terrabeam runs` read while a run writes.
+A reserve file beside the database holds back a little space, given up to record a failure on a
+full disk (the database often lives on the disk that filled).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -14,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from terrabeam.errors import DiskFullError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -23,7 +28,7 @@ CREATE TABLE IF NOT EXISTS runs (
     config_path TEXT,
     window_start TEXT,
     window_end TEXT,
-    status TEXT NOT NULL,            -- running | done | failed
+    status TEXT NOT NULL,            -- running | done | failed | interrupted
     created REAL NOT NULL,
     finished REAL,
     pixels INTEGER,
@@ -34,7 +39,7 @@ CREATE TABLE IF NOT EXISTS steps (
     run_id TEXT NOT NULL REFERENCES runs(id),
     name TEXT NOT NULL,
     position INTEGER NOT NULL,
-    status TEXT NOT NULL,            -- pending | running | done | failed
+    status TEXT NOT NULL,            -- pending | running | done | failed | interrupted
     attempts INTEGER NOT NULL DEFAULT 0,
     started REAL,
     finished REAL,
@@ -79,27 +84,65 @@ class RunRecord:
         return data
 
 
+RESERVE_BYTES = 256 * 2**10  # room for a few dozen WAL frames: enough to record how a run ended
+
+
 class RunState:
     """The workspace's run database."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.reserve = path.with_name(f".{path.name}.reserve")
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=60, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=60000")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA busy_timeout=60000")
+            self._db.executescript(SCHEMA)
+        except sqlite3.OperationalError as exc:
+            self._db.close()
+            raise (self._disk_full(exc) or exc) from None
+        self._hold_reserve()
+
+    def _hold_reserve(self) -> None:
+        """Write the reserve file if it is missing (real bytes: a sparse file would hold nothing back);
+        on a disk already full there is none until space is freed."""
+        if self.reserve.exists():
+            return
+        partial = self.reserve.with_name(self.reserve.name + ".partial")
+        try:
+            partial.write_bytes(bytes(RESERVE_BYTES))
+            os.replace(partial, self.reserve)
+        except OSError:
+            partial.unlink(missing_ok=True)
+
+    def release_reserve(self) -> None:
+        """Give the reserved space back to the disk, so that the next writes can record a failure."""
+        self.reserve.unlink(missing_ok=True)
+
+    def _disk_full(self, exc: sqlite3.OperationalError) -> DiskFullError | None:
+        if "database or disk is full" in str(exc):
+            return DiskFullError(f"no space left on device writing {self.path}")
+        return None
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            full = self._disk_full(exc)
+            if full is None:
+                raise
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise full from exc
 
     def close(self) -> None:
         self._db.close()
@@ -226,9 +269,10 @@ class RunState:
                 (time.time(), seconds, json.dumps(outputs, default=str), run_id, step),
             )
 
-    def fail_step(self, run_id: str, step: str, error: str, final: bool) -> None:
+    def fail_step(self, run_id: str, step: str, error: str, status: str) -> None:
+        """End an attempt that did not finish: ``failed``, ``pending`` (to be retried) or ``interrupted``."""
         with self._transaction() as db:
             db.execute(
                 "UPDATE steps SET status = ?, finished = ?, error = ? WHERE run_id = ? AND name = ?",
-                ("failed" if final else "pending", time.time(), error, run_id, step),
+                (status, time.time(), error, run_id, step),
             )

@@ -25,19 +25,20 @@ from typing import Any
 
 import apache_beam as beam
 import rasterio
+from rasterio.crs import CRS
 
 from terrabeam.config import PipelineConfig
-from terrabeam.errors import ConfigError, TerrabeamError
+from terrabeam.errors import ConfigError, GridMismatchError, TerrabeamError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path
 from terrabeam.predict.io import DecodeRecord, ReadKeyedRecords
 from terrabeam.predict.models import probe_model
-from terrabeam.predict.pipeline import PredictPatches, RemoteIO, prediction_bands, run_predict
+from terrabeam.predict.pipeline import PredictPatches, RemoteIO, prediction_bands, read_export, run_predict
 from terrabeam.progress import Progress
 from terrabeam.sources.raster import ReadRasterPatches, check_overlap, export_grid, export_rasters, open_band
 from terrabeam.tiling import Tiling
 from terrabeam.workflow.maps import write_map
-from terrabeam.workspace import Workspace
+from terrabeam.workspace import Workspace, disk_full_as_error
 
 GDAL_CACHE_BYTES = 64 * 2**20
 
@@ -97,11 +98,12 @@ def predict_step(
     start = time.perf_counter()
     export_dir = workspace.require_step("export")
     work = workspace.work_dir("predict")  # kept if interrupted: finished shards are not redone
-    _match_work_to(work, export_dir, config)
-    remote = remote_io(config, workspace)
-    with _shard_progress(config, export_dir, work):
-        result = run_predict(config, export_dir, work, beam_args, probe=probe, remote=remote)
-    workspace.publish(work, "predict")
+    with disk_full_as_error(work):
+        _match_work_to(work, export_dir, config)
+        remote = remote_io(config, workspace)
+        with _shard_progress(config, export_dir, work):
+            result = run_predict(config, export_dir, work, beam_args, probe=probe, remote=remote)
+        workspace.publish(work, "predict")
     seconds = time.perf_counter() - start
     grid = result.grid
     pixels = result.records * grid.patch_width * grid.patch_height
@@ -216,7 +218,7 @@ def map_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[s
             | "Predict" >> PredictPatches(config, model_path, grid, (kw // 2, kh // 2))
         )
 
-    with gdal_env():
+    with gdal_env(), disk_full_as_error(workspace.run_dir):
         result = write_map(
             config,
             workspace,
@@ -257,7 +259,7 @@ def deliver_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequen
             )
         )
 
-    with gdal_env():
+    with gdal_env(), disk_full_as_error(workspace.run_dir):
         result = write_map(
             config,
             workspace,
@@ -280,6 +282,38 @@ def one_pipeline(config: PipelineConfig) -> bool:
 def run_steps(config: PipelineConfig) -> list[str]:
     """The steps a run of ``config`` executes, in order."""
     return ["map"] if one_pipeline(config) else ["export", "predict", "deliver"]
+
+
+def check_run_grid(config: PipelineConfig, workspace: Workspace, step: str) -> None:
+    """Refuse to run ``step`` alone on a run whose grid is not the config's: its patches would be
+    decoded or placed wrongly. Compares what the config states (patch size, margin, CRS,
+    resolution) with the mixer and manifest of the folder the step reads."""
+    if step == "predict":
+        grid, manifest, _ = read_export(config, workspace.require_step("export"))
+        where, kernel = workspace.step_dir("export"), manifest.kernel_size
+    else:
+        where = workspace.require_step("predict")
+        grid, kernel = Grid.read_mixer(mixer_path(where, config.predict.prefix)), None
+    wanted = config.grid
+    differences = []
+    patch = [grid.patch_width, grid.patch_height]
+    if patch != list(wanted.patch_size):
+        differences.append(f"patch size {patch}, grid.patch_size {list(wanted.patch_size)}")
+    if kernel is not None and list(kernel) != list(wanted.kernel_size):
+        differences.append(f"kernel size {list(kernel)}, grid.kernel_size {list(wanted.kernel_size)}")
+    if wanted.crs is not None and CRS.from_user_input(wanted.crs) != CRS.from_user_input(grid.crs):
+        differences.append(f"CRS {grid.crs}, grid.crs {wanted.crs}")
+    if wanted.resolution is not None:
+        x, y = wanted.resolution if isinstance(wanted.resolution, tuple) else (wanted.resolution,) * 2
+        if (abs(grid.transform.a), abs(grid.transform.e)) != (x, y):
+            differences.append(
+                f"resolution {[abs(grid.transform.a), abs(grid.transform.e)]}, grid.resolution {[x, y]}"
+            )
+    if differences:
+        raise GridMismatchError(
+            f"{where}: run {workspace.run_id} is not on this config's grid ({'; '.join(differences)}); "
+            "give the run of this config with --run, or export again"
+        )
 
 
 def validate_before_run(config: PipelineConfig) -> None:
@@ -363,8 +397,9 @@ def write_summary(config: PipelineConfig, workspace: Workspace, reports: list[St
     }
     path = workspace.run_dir / "summary.json"
     partial = path.with_name(".summary.json.partial")
-    partial.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(partial, path)
+    with disk_full_as_error(workspace.run_dir):
+        partial.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(partial, path)
     workspace.upload_file(path)
     return path
 
