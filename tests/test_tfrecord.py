@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
+import struct
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -32,6 +35,7 @@ from terrabeam.tfrecord import (
     encode_example,
     encode_varints,
     frame_record,
+    masked_crc32c,
     read_records,
 )
 
@@ -340,3 +344,47 @@ def test_megabyte_varint_fails_in_linear_time(where):
     with pytest.raises(ValueError, match="varint longer than 10 bytes"):
         decode_example(data)
     assert time.perf_counter() - start < 5  # protobuf stops after 10 bytes; so must we (was 37 s)
+
+
+def _forged_length(length: int) -> bytes:
+    """A record header announcing ``length`` payload bytes, with a valid length CRC, and a little data."""
+    length_bytes = struct.pack("<Q", length)
+    return length_bytes + struct.pack("<I", masked_crc32c(length_bytes)) + b"payload" * 3
+
+
+@pytest.mark.parametrize("length", [2**40, 2**63, 2**64 - 1])
+@pytest.mark.parametrize("compressed", [False, True])
+def test_huge_record_length_is_corrupt_without_allocating_it(tmp_path, length, compressed):
+    path = tmp_path / ("huge.tfrecord.gz" if compressed else "huge.tfrecord")
+    data = frame_record(b"first") + _forged_length(length)
+    path.write_bytes(gzip.compress(data) if compressed else data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptRecordError, match=r"huge\.tfrecord(\.gz)?: truncated record at byte 21"):
+            list(read_records(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20  # the read chunk (4 MiB) at most, not the length announced
+
+
+def test_flipped_bit_anywhere_in_a_gzip_shard_names_file_and_offset(tmp_path):
+    """Every single-bit flip of a small prediction-like shard: ISA-L's IsalError, zlib's errors and
+    gzip's BadGzipFile all become CorruptRecordError; a flip deflate does not notice reads as before."""
+    path = tmp_path / "flip.tfrecord.gz"
+    with RecordWriter(path, 1) as writer:
+        for i in range(3):
+            writer.write(encode_example({"class": (np.arange(4000) // 7 + i) % 3}))
+    data, original = path.read_bytes(), list(read_records(path))
+    errors = 0
+    for position in range(len(data)):
+        for bit in (0x01, 0x10):
+            flipped = bytearray(data)
+            flipped[position] ^= bit
+            path.write_bytes(bytes(flipped))
+            try:
+                assert list(read_records(path)) == original
+            except CorruptRecordError as exc:
+                assert re.match(r".*flip\.tfrecord\.gz: .*at byte \d+", str(exc)), exc
+                errors += 1
+    assert errors > len(data)

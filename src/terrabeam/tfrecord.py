@@ -5,13 +5,14 @@ CRC32C of the payload (all little-endian). Examples are walked at the protobuf w
 protobuf's answer for every input, and the packed value arrays are viewed with ``np.frombuffer``: a
 6×256×256 patch decodes in ~30 µs, where protobuf's Python objects take ~13 ms. GZIP goes through
 ISA-L (``isal``), which writes standard gzip about 15× faster than zlib at the same ratio (see
-BENCHMARKS.md).
+BENCHMARKS.md). Reading is bounded: a damaged length field costs no more memory than the file holds.
 """
 
 from __future__ import annotations
 
-import gzip
+import os
 import struct
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -19,11 +20,15 @@ from typing import BinaryIO
 import google_crc32c
 import numpy as np
 from isal import igzip
+from isal.isal_zlib import IsalError
 
 from terrabeam.errors import CorruptRecordError
 
 _MASK_DELTA = 0xA282EAD8
 _GZIP_MAGIC = b"\x1f\x8b"
+_READ_CHUNK = 1 << 22  # bytes per read: a record of a 6×320×320 float patch (2.4 MB) is one read
+# What a damaged file raises while being read: ISA-L's and zlib's own errors are not OSErrors.
+_STREAM_ERRORS = (OSError, EOFError, zlib.error, IsalError)  # gzip.BadGzipFile is an OSError
 
 
 def masked_crc32c(data: bytes) -> int:
@@ -45,32 +50,53 @@ def frame_record(payload: bytes) -> bytes:
     )
 
 
-def _open_for_read(path: Path) -> BinaryIO:
+def _open_for_read(path: Path) -> tuple[BinaryIO, int | None]:
+    """The record stream of ``path`` and, for a plain file, its size (a gzip stream's is unknown)."""
     raw = open(path, "rb")  # noqa: SIM115 - returned to the caller, closed by read_records
     magic = raw.read(2)
     raw.seek(0)
     if magic == _GZIP_MAGIC:
-        return igzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    return raw
+        return igzip.GzipFile(fileobj=raw, mode="rb"), None  # type: ignore[return-value]
+    return raw, os.fstat(raw.fileno()).st_size
+
+
+def _read(stream: BinaryIO, size: int, path: Path, offset: int) -> bytes:
+    """Up to ``size`` bytes, fewer only at the end of the stream. Read in chunks, so a corrupt
+    length costs no more memory than the stream holds; decompression errors become
+    CorruptRecordError naming the record."""
+    parts = []
+    try:
+        while size > 0:
+            chunk = stream.read(min(size, _READ_CHUNK))
+            if not chunk:
+                break
+            parts.append(chunk)
+            size -= len(chunk)
+    except _STREAM_ERRORS as exc:
+        raise CorruptRecordError(
+            f"{path}: unreadable in the record at byte {offset}: {exc}"
+        ) from None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def read_records(path: str | Path) -> Iterator[bytes]:
     """Yield the payloads of a TFRecord file (GZIP detected by its magic bytes).
 
     Raises CorruptRecordError naming the file and the byte offset (in the uncompressed stream)
-    of the first record whose framing or CRC is wrong.
+    of the first record whose framing, CRC or compression is wrong. Memory stays bounded by the
+    file's actual content whatever its length fields say.
     """
     path = Path(path)
     if not path.is_file():
         raise CorruptRecordError(f"{path}: TFRecord file not found")
-    stream = _open_for_read(path)
+    try:
+        stream, size = _open_for_read(path)
+    except OSError as exc:
+        raise CorruptRecordError(f"{path}: cannot open: {exc.strerror or exc}") from None
     offset = 0
     try:
         while True:
-            try:
-                header = stream.read(12)
-            except (OSError, EOFError, gzip.BadGzipFile) as exc:
-                raise CorruptRecordError(f"{path}: unreadable at byte {offset}: {exc}") from None
+            header = _read(stream, 12, path, offset)
             if not header:
                 return
             if len(header) < 12:
@@ -81,13 +107,16 @@ def read_records(path: str | Path) -> Iterator[bytes]:
             if masked_crc32c(length_bytes) != length_crc:
                 raise CorruptRecordError(f"{path}: length CRC mismatch in record at byte {offset}")
             (length,) = struct.unpack("<Q", length_bytes)
-            try:
-                body = stream.read(length + 4)
-            except (OSError, EOFError, gzip.BadGzipFile) as exc:
-                raise CorruptRecordError(f"{path}: unreadable at byte {offset}: {exc}") from None
+            if size is not None and length > size - offset - 16:
+                raise CorruptRecordError(
+                    f"{path}: truncated record at byte {offset}: its length field says {length} "
+                    f"payload bytes but the file ends at byte {size}"
+                )
+            body = _read(stream, length + 4, path, offset)
             if len(body) < length + 4:
                 raise CorruptRecordError(
-                    f"{path}: truncated record at byte {offset}: expected {length} payload bytes"
+                    f"{path}: truncated record at byte {offset}: expected {length} payload bytes "
+                    f"and a CRC, found {len(body)} bytes"
                 )
             payload = body[:length]
             if masked_crc32c(payload) != struct.unpack("<I", body[length:])[0]:
