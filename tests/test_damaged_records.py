@@ -87,3 +87,12 @@ def test_malformed_example_in_an_export_shard_names_shard_and_record(tmp_path, t
     shard = tmp_path / "ws" / "r" / "export" / "tiny-00001.tfrecord.gz"
     _replace_record(shard, 1, _MALFORMED)
     _fails(capsys, ["predict", config, "--run", "r"], f"{shard} record 1: malformed tf.train.Example")
+
+
+def test_malformed_example_in_a_prediction_shard_names_shard_and_record(tmp_path, tiny_pipeline, capsys):
+    document, write = tiny_pipeline
+    config = write()
+    assert main(["run", str(config), "--run", "r"]) == 0
+    shard = tmp_path / "ws" / "r" / "predict" / "predictions-00001.tfrecord.gz"
+    _replace_record(shard, 1, _MALFORMED)
+    _fails(capsys, ["deliver", config, "--run", "r"], f"{shard} record 1: malformed tf.train.Example")

@@ -126,12 +126,15 @@ def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) ->
         }
         progress = stack.enter_context(Progress("deliver", grid.total_patches))
         for shard in shards:
-            for payload in read_records(shard):
+            for position, payload in enumerate(read_records(shard)):
                 if index >= grid.total_patches:
                     raise RecordCountError(
                         f"{shard}: more records than totalPatches={grid.total_patches} in the mixer"
                     )
-                features = decode_example(payload)
+                try:
+                    features = decode_example(payload)
+                except ValueError as exc:
+                    raise InputError(f"{shard} record {position}: {exc}") from None
                 window = grid.patch_window(index)
                 rows = min(window.height, height - window.row_off)
                 cols = min(window.width, width - window.col_off)
@@ -145,7 +148,7 @@ def deliver_geotiff(config: PipelineConfig, predict_dir: Path, out_dir: Path) ->
                     missing = [b for b in layer.bands if b not in features]
                     if missing:
                         raise InputError(
-                            f"{shard} record {index - 1}: bands {missing} missing; has {sorted(features)}"
+                            f"{shard} record {position}: bands {missing} missing; has {sorted(features)}"
                         )
                     values = np.stack(
                         [np.asarray(features[b]).reshape(shape)[:rows, :cols] for b in layer.bands]
