@@ -73,9 +73,7 @@ def _read(stream: BinaryIO, size: int, path: Path, offset: int) -> bytes:
             parts.append(chunk)
             size -= len(chunk)
     except _STREAM_ERRORS as exc:
-        raise CorruptRecordError(
-            f"{path}: unreadable in the record at byte {offset}: {exc}"
-        ) from None
+        raise CorruptRecordError(f"{path}: unreadable in the record at byte {offset}: {exc}") from None
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
@@ -226,7 +224,7 @@ def _value_span(buf: memoryview, field: int, wire: int, pos: int, stop: int, dep
     if wire == _WIRE_LEN:
         length, start = _read_varint(buf, pos, stop)
         if length > stop - start or length >= _MAX_LENGTH:
-            raise ValueError(f"field of {length} bytes at byte {pos} overruns its message")
+            raise ValueError(f"a {length}-byte field overruns its message at byte {pos}")
         return start, start + length
     if wire == _WIRE_VARINT:
         return pos, _read_varint(buf, pos, stop)[1]
@@ -388,7 +386,7 @@ def _merge_entry(buf: memoryview, start: int, stop: int, depth: int, features: d
             try:
                 name = str(buf[a:b], "utf-8")
             except UnicodeDecodeError:
-                raise ValueError(f"feature name at byte {a} is not UTF-8") from None
+                raise ValueError(f"feature name not UTF-8 at byte {a}") from None
         elif field == 2 and wire == _WIRE_LEN:
             feature.merge(buf, a, b, depth - 1)
         else:
