@@ -73,13 +73,15 @@ def _frame(payload: bytes) -> bytes:
 
 
 def _gunzip(data: bytes) -> bytes:
-    """The gzip members in ``data`` decoded by zlib itself, which checks the optional header CRC
-    as ISA-L does (Python's gzip module skips it); zero padding after a member is ignored, as
-    gzip.GzipFile ignores it."""
+    """The gzip members in ``data`` decoded by zlib itself, which checks the optional header CRC as
+    ISA-L does (Python's gzip module skips it). As ISA-L and gzip.GzipFile do, reserved header flag
+    bits (zlib rejects them) and zero padding after a member are ignored: the data CRC still holds."""
     members = []
     while data:
         member = zlib.decompressobj(wbits=31)
-        members.append(member.decompress(data))
+        members.append(
+            member.decompress(data[:3] + bytes([data[3] & 0x1F]) + data[4:] if len(data) > 3 else data)
+        )
         if not member.eof:
             raise EOFError("gzip member cut short")
         data = member.unused_data.lstrip(b"\x00")
