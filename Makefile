@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DATA   := data/demo/.complete
 
-.PHONY: demo test bench example-landcover clean
+.PHONY: demo test test-slow fuzz bench example-landcover clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ demo: $(STAMP) $(DATA)  ## fetch the real scene + model, run export → predict 
 test: $(STAMP) $(DATA)  ## lint and run the test suite
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(PY) -m pytest
+
+test-slow: $(STAMP)  ## the TFRecord decoder and framing property tests at 20 000 examples each (~10 min)
+	$(PY) -m pytest -m slow tests/test_tfrecord_properties.py
+
+fuzz: $(STAMP)  ## fuzz TFRecord framing + decoder against protobuf and Beam's codec (TERRABEAM_FUZZ_SECONDS=300)
+	$(PY) -m pytest -m fuzz -s tests/test_tfrecord_properties.py
 
 bench: $(STAMP) $(DATA)  ## side-by-side benchmarks, results into BENCHMARKS.md
 	$(PY) -m benchmarks --write BENCHMARKS.md

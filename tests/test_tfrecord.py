@@ -6,10 +6,26 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
+import struct
+import time
+import tracemalloc
 
 import numpy as np
 import pytest
 from apache_beam.io.tfrecordio import _TFRecordUtil
+from example_wire import (
+    END_GROUP,
+    FIXED32,
+    FIXED64,
+    START_GROUP,
+    VARINT,
+    length_delimited,
+    protobuf_view,
+    same,
+    tag,
+    varint,
+)
 
 from terrabeam.errors import CorruptRecordError
 from terrabeam.tfrecord import (
@@ -19,6 +35,7 @@ from terrabeam.tfrecord import (
     encode_example,
     encode_varints,
     frame_record,
+    masked_crc32c,
     read_records,
 )
 
@@ -169,3 +186,205 @@ def test_truncated_gzip_stream_is_reported(tmp_path):
     path.write_bytes(path.read_bytes()[:-20])
     with pytest.raises(CorruptRecordError, match="cut.tfrecord.gz"):
         list(read_records(path))
+
+
+# --- protobuf's answer for every legal encoding, an error for every malformed one ----------------
+
+
+def _example_with(feature: bytes, key: bytes = b"a") -> bytes:
+    """An Example holding one map entry whose Feature message is ``feature``."""
+    return length_delimited(1, length_delimited(1, length_delimited(1, key) + length_delimited(2, feature)))
+
+
+def _float(value: float) -> bytes:
+    return np.float32(value).tobytes()
+
+
+def _agrees_with_protobuf(pb2, data: bytes) -> dict:
+    theirs = protobuf_view(pb2, data)
+    assert theirs is not None, "protobuf rejects the test input"
+    ours = decode_example(data)
+    assert same(ours, theirs), (ours, theirs)
+    return ours
+
+
+def test_unpacked_then_packed_values_keep_wire_order(example_pb2):
+    floats = tag(1, FIXED32) + _float(1.0) + length_delimited(1, _float(2.0) + _float(3.0))
+    assert _agrees_with_protobuf(example_pb2, _example_with(length_delimited(2, floats)))["a"].tolist() == [
+        1,
+        2,
+        3,
+    ]
+    ints = (
+        tag(1, VARINT) + varint(1) + length_delimited(1, varint(2) + varint(3)) + tag(1, VARINT) + varint(4)
+    )
+    assert _agrees_with_protobuf(example_pb2, _example_with(length_delimited(3, ints)))["a"].tolist() == [
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
+_ONE, _TWO = (
+    length_delimited(2, length_delimited(1, _float(1.0))),
+    length_delimited(2, length_delimited(1, _float(2.0))),
+)
+
+
+def _entry(key: bytes, *features: bytes) -> bytes:
+    return length_delimited(1, length_delimited(1, key) + b"".join(length_delimited(2, f) for f in features))
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        pytest.param(_example_with(_ONE + _TWO), {"a": [1.0, 2.0]}, id="float_list twice merges"),
+        pytest.param(
+            _example_with(_ONE + length_delimited(1, length_delimited(1, b"x")) + _TWO),
+            {"a": [2.0]},
+            id="another oneof kind replaces",
+        ),
+        pytest.param(
+            length_delimited(1, _entry(b"a", _ONE, _TWO)), {"a": [1.0, 2.0]}, id="entry value twice merges"
+        ),
+        pytest.param(
+            length_delimited(1, _entry(b"a", _ONE) + _entry(b"a", _TWO)), {"a": [2.0]}, id="last entry wins"
+        ),
+        pytest.param(
+            length_delimited(1, _entry(b"a", _ONE)) + length_delimited(1, _entry(b"b", _TWO)),
+            {"a": [1.0], "b": [2.0]},
+            id="features twice merge",
+        ),
+        pytest.param(
+            length_delimited(
+                1,
+                _entry(b"a", _ONE)
+                + length_delimited(1, length_delimited(1, b"a") + tag(3, VARINT) + b"\x01"),
+            ),
+            {"a": [1.0]},
+            id="entry with an unknown field is dropped",
+        ),
+    ],
+)
+def test_repeated_messages_merge_as_protobuf_merges(example_pb2, data, expected):
+    ours = _agrees_with_protobuf(example_pb2, data)
+    assert {name: values.tolist() for name, values in ours.items()} == expected
+
+
+def test_wrong_wire_type_is_an_unknown_field(example_pb2):
+    assert (
+        _agrees_with_protobuf(example_pb2, _example_with(length_delimited(1, tag(1, VARINT) + b"\x05")))["a"]
+        == []
+    )
+    floats = tag(1, VARINT) + b"\x05" + tag(1, FIXED64) + bytes(8) + tag(1, FIXED32) + _float(7.0)
+    assert _agrees_with_protobuf(example_pb2, _example_with(length_delimited(2, floats)))["a"].tolist() == [
+        7.0
+    ]
+    ints = tag(1, FIXED32) + bytes(4) + tag(1, START_GROUP) + tag(2, VARINT) + b"\x01" + tag(1, END_GROUP)
+    assert _agrees_with_protobuf(example_pb2, _example_with(length_delimited(3, ints)))["a"].tolist() == []
+
+
+def test_ten_byte_varints_wrap_mod_2_64_as_protobuf(example_pb2):
+    wide = varint(2**64 + 5)  # 10 bytes; protobuf keeps the low 64 bits
+    ints = tag(1, VARINT) + wide + length_delimited(1, wide + b"\xff" * 9 + b"\x7f")
+    assert _agrees_with_protobuf(example_pb2, _example_with(length_delimited(3, ints)))["a"].tolist() == [
+        5,
+        5,
+        -1,
+    ]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(
+            _example_with(length_delimited(3, tag(1, VARINT) + b"\xff" * 10 + b"\x01")), id="unpacked"
+        ),
+        pytest.param(
+            _example_with(length_delimited(3, length_delimited(1, b"\xff" * 10 + b"\x01"))), id="packed"
+        ),
+        pytest.param(b"\x0a" + b"\x80" * 10 + b"\x00", id="length"),
+        pytest.param(b"\x88\x80\x80\x80\x80\x00", id="6-byte tag"),
+    ],
+)
+def test_varint_longer_than_10_bytes_is_rejected(example_pb2, data):
+    assert protobuf_view(example_pb2, data) is None
+    with pytest.raises(ValueError, match="malformed tf.train.Example: .* at byte"):
+        decode_example(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(
+            _example_with(length_delimited(2, tag(1, FIXED32) + b"\x00\x00")), id="fixed32 in a list"
+        ),
+        pytest.param(b"\x15\x00\x00\x00", id="fixed32 at the end"),
+        pytest.param(b"\x11" + bytes(7), id="fixed64 at the end"),
+        pytest.param(
+            _example_with(length_delimited(2, length_delimited(1, bytes(5)))), id="packed floats, 5 bytes"
+        ),
+        pytest.param(b"\x0b\x08\x01", id="unclosed group"),
+        pytest.param(b"\x0c", id="stray end-group"),
+        pytest.param(_example_with(b"", key=b"\xff"), id="feature name not UTF-8"),
+    ],
+)
+def test_malformed_input_raises_value_error_naming_the_byte(example_pb2, data):
+    assert protobuf_view(example_pb2, data) is None
+    with pytest.raises(ValueError, match=r"malformed tf.train.Example: .* at byte \d+"):
+        decode_example(data)
+
+
+@pytest.mark.parametrize("where", ["length", "value"])
+def test_megabyte_varint_fails_in_linear_time(where):
+    huge = b"\xff" * 10**6 + b"\x01"
+    data = b"\x0a" + huge if where == "length" else _example_with(length_delimited(3, tag(1, VARINT) + huge))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="varint longer than 10 bytes"):
+        decode_example(data)
+    assert time.perf_counter() - start < 5  # protobuf stops after 10 bytes; so must we (was 37 s)
+
+
+def _forged_length(length: int) -> bytes:
+    """A record header announcing ``length`` payload bytes, with a valid length CRC, and a little data."""
+    length_bytes = struct.pack("<Q", length)
+    return length_bytes + struct.pack("<I", masked_crc32c(length_bytes)) + b"payload" * 3
+
+
+@pytest.mark.parametrize("length", [2**40, 2**63, 2**64 - 1])
+@pytest.mark.parametrize("compressed", [False, True])
+def test_huge_record_length_is_corrupt_without_allocating_it(tmp_path, length, compressed):
+    path = tmp_path / ("huge.tfrecord.gz" if compressed else "huge.tfrecord")
+    data = frame_record(b"first") + _forged_length(length)
+    path.write_bytes(gzip.compress(data) if compressed else data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptRecordError, match=r"huge\.tfrecord(\.gz)?: truncated record at byte 21"):
+            list(read_records(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20  # the read chunk (4 MiB) at most, not the length announced
+
+
+def test_flipped_bit_anywhere_in_a_gzip_shard_names_file_and_offset(tmp_path):
+    """Every single-bit flip of a small prediction-like shard: ISA-L's IsalError, zlib's errors and
+    gzip's BadGzipFile all become CorruptRecordError; a flip deflate does not notice reads as before."""
+    path = tmp_path / "flip.tfrecord.gz"
+    with RecordWriter(path, 1) as writer:
+        for i in range(3):
+            writer.write(encode_example({"class": (np.arange(4000) // 7 + i) % 3}))
+    data, original = path.read_bytes(), list(read_records(path))
+    errors = 0
+    for position in range(len(data)):
+        for bit in (0x01, 0x10):
+            flipped = bytearray(data)
+            flipped[position] ^= bit
+            path.write_bytes(bytes(flipped))
+            try:
+                assert list(read_records(path)) == original
+            except CorruptRecordError as exc:
+                assert re.match(r".*flip\.tfrecord\.gz: .*at byte \d+", str(exc)), exc
+                errors += 1
+    assert errors > len(data)
