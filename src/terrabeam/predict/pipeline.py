@@ -16,6 +16,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from terrabeam import beam_local
 from terrabeam.config import PipelineConfig
 from terrabeam.errors import ConfigError, RecordCountError, TerrabeamError
 from terrabeam.grid import Grid
@@ -126,7 +127,7 @@ def run_predict(
     handler = KeyedModelHandler(PatchModelHandler(config.model, model_path, margin))
     flags = pipeline_flags(config, beam_args)
     options = PipelineOptions(flags)
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam_local.pipeline(options)
     sources = [f"{remote.export}/{p.name}" for p in shards] if remote else [str(p) for p in shards]
     target = remote.work if remote else str(out_dir)
     records = pipeline | "Shards" >> beam.Create([(i, sources[i]) for i in todo])
