@@ -1,4 +1,5 @@
-"""Local worker processes: predict throughput of `runner: {kind: local, workers: N}` on one export.
+"""Local worker processes: predict throughput of `runner: {kind: local, workers: N, options:
+{direct_running_mode: multi_processing}}` on one export.
 
 Each setting (worker processes × ONNX Runtime threads per worker) runs the whole predict step
 in this process (`run_predict`: probe, pipeline, worker start-up included) on the same export;
@@ -33,7 +34,7 @@ class WorkerSetting:
         if self.workers == 1:
             return "FnApiRunner, in process"
         spread = "shards split, records not reshuffled" if self.reshuffle is False else "records reshuffled"
-        return f"DirectRunner, {self.workers} processes, {spread}"
+        return f"FnApiRunner, {self.workers} processes, {spread}"
 
 
 def worker_settings(cores: int) -> list[WorkerSetting]:
@@ -60,6 +61,8 @@ def time_workers(
     for round_ in range(repeats):
         for number, setting in enumerate(settings):
             document["runner"] = {"kind": "local", "workers": setting.workers}
+            if setting.workers > 1:  # `workers: N` alone runs N threads of this process
+                document["runner"]["options"] = {"direct_running_mode": "multi_processing"}
             document["model"]["threads"] = setting.threads
             document["predict"] = {"reshuffle": setting.reshuffle}
             path = work / f"workers-{number}.yaml"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from test_beam_local import PROCESSES, is_loopback, listening_sockets
 
 import terrabeam
 from terrabeam.cli import main
@@ -167,8 +168,13 @@ def test_portable_runner_on_beam_job_service_and_external_worker_pool(tmp_path, 
             "environment_type": "EXTERNAL",
             "environment_config": f"127.0.0.1:{pool_port}",
         }
-        _predict_in_subprocess(write(document, "portable.yaml"), env)
+        with listening_sockets(os.getpid()) as seen:  # the services, their workers, terrabeam
+            _predict_in_subprocess(write(document, "portable.yaml"), env)
     assert _shards(tmp_path / "ws" / "r" / "predict") == local
+    ports = {(pid, port) for pid, _, port in seen.sockets}
+    assert {(job_service, job_port), (worker_pool, pool_port)} <= ports, "the services were seen"
+    exposed = {s for s in seen.sockets if not is_loopback(s[1])}
+    assert not exposed, f"listening on every interface: {exposed}"
 
     readers, writers = _who_did_the_work(tmp_path, list(local))
     parents = {o.pid: o.parent for o in _traced_opens(tmp_path)}
@@ -177,12 +183,12 @@ def test_portable_runner_on_beam_job_service_and_external_worker_pool(tmp_path, 
 
 
 def test_local_worker_processes_write_the_same_shards(tmp_path, tiny_pipeline):
-    """runner: {kind: local, workers: 2}: DirectRunner with two worker processes, which both read
-    shards and whose records are reshuffled across them; the prediction shards are those of one
-    in-process worker, byte for byte, in order."""
+    """runner: {kind: local, workers: 2, options: {direct_running_mode: multi_processing}}: two
+    worker processes, which both read shards and whose records are reshuffled across them; the
+    prediction shards are those of one in-process worker, byte for byte, in order."""
     document, write = tiny_pipeline
     local = _export_and_predict_in_process(tmp_path, write)
-    document["runner"] = {"kind": "local", "workers": 2}
+    document["runner"] = {"kind": "local", "workers": 2, "options": PROCESSES}
     _predict_in_subprocess(write(document, "workers.yaml"), _traced_env(tmp_path))
     assert _shards(tmp_path / "ws" / "r" / "predict") == local
 

@@ -18,14 +18,16 @@ def _records(run_dir):
     return [p.name for p in shards], [r for s in shards for r in read_records(s)]
 
 
-def test_parallel_reshuffled_run_writes_the_same_shards(tmp_path, tiny_pipeline):
+@pytest.mark.parametrize("mode", ["in_memory", "multi_threading"])
+def test_parallel_reshuffled_run_writes_the_same_shards(tmp_path, tiny_pipeline, mode):
+    """Two worker threads: FnApiRunner's in-memory workers (what `workers: 2` runs) or its gRPC ones."""
     document, write = tiny_pipeline
     config = write()
     assert main(["export", str(config), "--run", "r"]) == 0
     assert main(["predict", str(config), "--run", "r"]) == 0
     names, serial = _records(tmp_path / "ws" / "r")
     assert len(names) > 2, "the test needs several shards"
-    args = ["--direct_num_workers=2", "--direct_running_mode=multi_threading"]
+    args = ["--direct_num_workers=2", f"--direct_running_mode={mode}"]
     assert main(["predict", str(config), "--run", "r", *args]) == 0
     parallel_names, parallel = _records(tmp_path / "ws" / "r")
     assert parallel_names == names
@@ -43,11 +45,7 @@ def test_reshuffle_defaults_to_multi_worker_runners_only():
 
 def test_runner_section_becomes_beam_flags_and_command_line_wins():
     assert RunnerConfig().beam_flags() == ["--runner=FnApiRunner"]
-    assert RunnerConfig(workers=2).beam_flags() == [
-        "--runner=DirectRunner",
-        "--direct_num_workers=2",
-        "--direct_running_mode=multi_processing",
-    ]
+    assert RunnerConfig(workers=2).beam_flags() == ["--runner=FnApiRunner", "--direct_num_workers=2"]
     dataflow = RunnerConfig(
         kind="dataflow",
         project="p",

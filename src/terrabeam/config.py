@@ -363,10 +363,15 @@ class RunnerConfig(_Strict):
 
     kind: Literal["local", "dataflow", "portable"] = Field(
         "local",
-        description="local: this machine (FnApiRunner in-process, or DirectRunner with worker "
-        "processes); dataflow: Google Cloud Dataflow; portable: any Beam job service (Flink, Spark, …)",
+        description="local: this machine (Beam's FnApiRunner); dataflow: Google Cloud Dataflow; "
+        "portable: any Beam job service (Flink, Spark, …)",
     )
-    workers: int = Field(1, ge=1, description="local: worker processes (1: in-process FnApiRunner)")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="local: FnApiRunner workers, threads of this process "
+        "(processes with options.direct_running_mode: multi_processing)",
+    )
     # dataflow
     project: str | None = Field(None, description="dataflow: Google Cloud project id")
     region: str | None = Field(None, description="dataflow: region, e.g. europe-west1")
@@ -402,15 +407,11 @@ class RunnerConfig(_Strict):
     def beam_flags(self) -> list[str]:
         """Beam command-line flags for this runner (the command line may add or override flags)."""
         if self.kind == "local":
-            flags = (
-                ["--runner=FnApiRunner"]
-                if self.workers == 1
-                else [
-                    "--runner=DirectRunner",
-                    f"--direct_num_workers={self.workers}",
-                    "--direct_running_mode=multi_processing",
-                ]
-            )
+            # N workers are N threads of this process (FnApiRunner's in-memory workers): no ports to
+            # open, no processes to outlive it. options.direct_running_mode: multi_processing for processes.
+            flags = ["--runner=FnApiRunner"]
+            if self.workers > 1:
+                flags.append(f"--direct_num_workers={self.workers}")
         elif self.kind == "dataflow":
             flags = ["--runner=DataflowRunner"]
             named = {

@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         for name in ("workspace", "run"):
-            if not re.match(PARAMETERS[name][3] or "", getattr(args, name)):
+            if not re.fullmatch(PARAMETERS[name][3] or "", getattr(args, name)):
                 raise WorkspaceError(f"--{name} {getattr(args, name)!r} must match {PARAMETERS[name][3]}")
         config_path = args.config or os.environ.get(CONFIG_ENV)
         if not config_path:

@@ -6,12 +6,16 @@ deployed workflow calls, runnable locally as well.
     GET  /steps/<step>?run=<id>                      → the step's status: running, done or failed
 
 A failed step answers 422 (permanent: bad config, input or model), 503 (transient: worth a retry) or
-500 (unexpected), with ``{"status": "failed", "error": "<one line>"}``. The workspace is a local
-folder or a gs:// / s3:// URI (mirrored locally, see terrabeam.workspace). The status is kept in the
-workspace, ``<run>/.status/<step>.json`` (an object when the workspace is remote), so any instance
-can answer a poll; "done" counts only while the step's folder is published (its ``_COMPLETE.json``
-when remote). Binds 127.0.0.1 unless told otherwise; in the container it binds 0.0.0.0 on $PORT, as
-Cloud Run requires.
+500 (unexpected), with ``{"status": "failed", "error": "<one line>"}``; a request the server will not
+read answers 400, 411 (no Content-Length) or 413 (a body over MAX_BODY bytes, left unread). The
+workspace is a local folder or a gs:// / s3:// URI (mirrored locally, see terrabeam.workspace). The
+status is kept in the workspace, ``<run>/.status/<step>.json`` (an object when the workspace is
+remote), so any instance can answer a poll; "done" counts only while the step's folder is published
+(its ``_COMPLETE.json`` when remote). One request runs a step: each attempt first creates its claim,
+``<run>/.status/<step>.claim-<attempt>``, atomically (storage.create_exclusive); a request that
+cannot runs nothing and answers 202. The next attempt may start once the latest one is recorded done
+or failed, or after STALE_SECONDS. Binds 127.0.0.1 unless told otherwise; in the container it binds
+0.0.0.0 on $PORT, as Cloud Run requires.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from terrabeam import storage
 from terrabeam.config import PipelineConfig, load_config
+from terrabeam.deploy.flex_main import RUN_ID_PATTERN
 from terrabeam.errors import TerrabeamError
 from terrabeam.workflow import steps
 from terrabeam.workflow.runner import is_transient
@@ -44,12 +49,15 @@ STEP_FUNCTIONS: dict[str, Callable[[PipelineConfig, Workspace], steps.StepReport
     "export": steps.export_step,
     "deliver": steps.deliver_step,
 }
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_RUN_ID = re.compile(RUN_ID_PATTERN)
 _STATUS_TEXT = {200: "OK", 202: "Accepted", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
-_STATUS_TEXT |= {422: "Unprocessable Entity", 500: "Internal Server Error", 503: "Service Unavailable"}
-# A "running" status older than this is left over by an instance that died (Cloud Run ends a request
-# after its timeout, 3600 s as deployed); a new request then runs the step again.
+_STATUS_TEXT |= {411: "Length Required", 413: "Content Too Large", 422: "Unprocessable Entity"}
+_STATUS_TEXT |= {500: "Internal Server Error", 503: "Service Unavailable"}
+# A claim older than this, its attempt unrecorded, is left over by an instance that died (Cloud Run
+# ends a request after its timeout, 3600 s as deployed); a new request then runs the step again.
 STALE_SECONDS = 3600.0
+MAX_BODY = 2**20  # bytes; a request body is {"run": "<run id>"}
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,20}")
 
 Response = tuple[int, dict[str, Any]]
 
@@ -90,19 +98,20 @@ class StepService:
             return self.status(step, run)
         if method == "POST":
             try:
-                length = int(environ.get("CONTENT_LENGTH") or 0)
-                request = json.loads(environ["wsgi.input"].read(length) or b"{}")
-                run = request["run"]
-            except (ValueError, KeyError, TypeError):
-                return 400, _failed('expected a JSON body {"run": "<run id>"}')
+                run = _requested_run(environ)
+            except _Refused as refused:
+                return refused.code, _failed(str(refused))
             return self.start(step, run)
         return 405, _failed(f"{method} not allowed; POST starts a step, GET reads its status")
 
     def status(self, step: str, run: str) -> Response:
-        if not _RUN_ID.match(run or ""):
+        if not _is_run_id(run):
             return 400, _failed(f"run id {run!r} must match {_RUN_ID.pattern}")
         try:
             record = self._read_status(step, run)
+            latest, claim = self._latest_claim(step, run)
+            if claim is not None and (record is None or record.get("attempt", 0) < latest):
+                record = claim  # claimed, its status not written yet: running
             workspace = Workspace(self.root, run, self.remote)
             if record is not None and record["status"] == "done" and not workspace.has_step(step):
                 where = workspace.step_location(step)
@@ -115,32 +124,73 @@ class StepService:
         return 200, record
 
     def start(self, step: str, run: str) -> Response:
-        if not isinstance(run, str) or not _RUN_ID.match(run):
+        if not _is_run_id(run):
             return 400, _failed(f"run id {run!r} must match {_RUN_ID.pattern}")
         workspace = Workspace(self.root, run, self.remote)
-        record: dict[str, Any] = {"status": "running", "run": run, "step": step, "started": time.time()}
         try:
             previous = self._read_status(step, run)
-            if previous is not None:
-                if previous["status"] == "done" and workspace.has_step(step):
-                    return 200, previous
-                if previous["status"] == "running" and time.time() - previous["started"] < STALE_SECONDS:
-                    return 202, previous
+            if previous is not None and previous["status"] == "done" and workspace.has_step(step):
+                return 200, previous
+            latest, claim = self._latest_claim(step, run)
+            ended = (
+                previous is not None and previous.get("attempt") == latest and previous["status"] != "running"
+            )
+            if claim is not None and not ended and time.time() - claim["started"] < STALE_SECONDS:
+                return 202, claim  # the attempt's "running" record
             workspace.ensure_writable()
-            self._write_status(record)
-            report = self.functions[step](self.config, workspace)
+            record = {"status": "running", "run": run, "step": step, "attempt": latest + 1}
+            record["started"] = time.time()
+            if not storage.create_exclusive(self._claim_location(step, run, latest + 1), _encode(record)):
+                return 202, self._latest_claim(step, run)[1]
+        except Exception as exc:  # nothing started, nothing recorded
+            return _error_code(exc), _failed(_one_line(exc))
+        return self._run_claimed(record, workspace)
+
+    def _run_claimed(self, record: dict[str, Any], workspace: Workspace) -> Response:
+        """Run the step of the attempt this request claimed; record how it ended."""
+        code = 200
+        try:
+            self._record(record)
+            report = self.functions[record["step"]](self.config, workspace)
             record |= {"status": "done", "seconds": round(report.seconds, 3), "details": report.details}
-            self._write_status(record)
         except Exception as exc:
-            error = _one_line(exc)
-            log.error("step %s of run %s failed: %s", step, run, error)
-            record |= {"status": "failed", "error": error}
-            try:
-                self._write_status(record)
-            except Exception as status_exc:  # the step's own error is the one to answer with
-                log.error("step %s of run %s: status not recorded: %s", step, run, _one_line(status_exc))
-            return _error_code(exc), record
-        return 200, record
+            code = _error_code(exc)
+            record |= {"status": "failed", "error": _one_line(exc)}
+            log.error("step %s of run %s failed: %s", record["step"], record["run"], record["error"])
+        try:
+            self._record(record)
+        except Exception as exc:  # the step's own outcome is the one to answer with
+            log.error(
+                "step %s of run %s: status not recorded: %s", record["step"], record["run"], _one_line(exc)
+            )
+        return code, record
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """Write the status of the record's attempt while it is the latest: one whose stale claim
+        was taken over leaves the newer attempt's status alone."""
+        step, run = record["step"], record["run"]
+        if self._latest_claim(step, run)[0] == record["attempt"]:
+            self._write_status(record)
+        else:
+            log.error("step %s of run %s: attempt %d superseded by a newer one", step, run, record["attempt"])
+
+    def _claim_location(self, step: str, run: str, attempt: int) -> str:
+        return self._status_location(step, run).removesuffix(".json") + f".claim-{attempt}"
+
+    def _latest_claim(self, step: str, run: str) -> tuple[int, dict[str, Any] | None]:
+        """(number, record) of the step's latest claimed attempt; (0, None) before the first."""
+        prefix = self._claim_location(step, run, 0).removesuffix("0")
+        if self.remote is None:
+            found = [str(p) for p in Path(prefix).parent.glob(Path(prefix).name + "*")]
+        else:
+            found = [path for path, _ in storage.list_files(prefix + "*")]
+        numbers = [int(n) for path in found if (n := path.removeprefix(prefix)).isdigit()]
+        if not numbers:
+            return 0, None
+        latest = max(numbers)
+        location = self._claim_location(step, run, latest)
+        data = Path(location).read_bytes() if self.remote is None else storage.read_bytes(location)
+        return latest, json.loads(data)
 
     def _status_location(self, step: str, run: str) -> str:
         name = f"{run}/.status/{step}.json"
@@ -156,7 +206,7 @@ class StepService:
     def _write_status(self, record: dict[str, Any]) -> None:
         """Replace the step's status whole: an object upload, or a local file renamed into place."""
         location = self._status_location(record["step"], record["run"])
-        data = (json.dumps(record, default=str) + "\n").encode()
+        data = _encode(record)
         if self.remote is not None:
             storage.write_bytes(location, data)
             return
@@ -165,6 +215,37 @@ class StepService:
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
         partial.write_bytes(data)
         os.replace(partial, path)
+
+
+class _Refused(Exception):
+    """A request answered with ``code`` before the server reads it further."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _requested_run(environ: dict[str, Any]) -> Any:
+    """The "run" of a POST body, read only when its declared length is sane and at most MAX_BODY."""
+    declared = environ.get("CONTENT_LENGTH") or ""
+    if not declared:
+        raise _Refused(411, 'a POST needs a Content-Length and a JSON body {"run": "<run id>"}')
+    if not _CONTENT_LENGTH.fullmatch(declared):
+        raise _Refused(400, f"Content-Length {declared!r} is not a number of bytes")
+    if int(declared) > MAX_BODY:
+        raise _Refused(413, f"a body of {declared} bytes is over the limit of {MAX_BODY}")
+    try:
+        return json.loads(environ["wsgi.input"].read(int(declared)))["run"]
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested too deep
+        raise _Refused(400, 'expected a JSON body {"run": "<run id>"}') from None
+
+
+def _is_run_id(run: Any) -> bool:
+    return isinstance(run, str) and _RUN_ID.fullmatch(run) is not None
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, default=str) + "\n").encode()
 
 
 def _failed(error: str) -> dict[str, Any]:

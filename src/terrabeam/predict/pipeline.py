@@ -16,7 +16,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from terrabeam import NAMESPACE
+from terrabeam import NAMESPACE, beam_local
 from terrabeam.config import PipelineConfig
 from terrabeam.errors import ConfigError, RecordCountError, TerrabeamError
 from terrabeam.grid import Grid
@@ -146,7 +146,7 @@ def run_predict(
     finished = finished_shards(out_dir, names, expected)
     todo = [i for i in range(len(shards)) if i not in finished]
     flags = pipeline_flags(config, beam_args)
-    pipeline = beam.Pipeline(options=PipelineOptions(flags))
+    pipeline = beam_local.pipeline(PipelineOptions(flags))
     sources = [f"{remote.export}/{p.name}" for p in shards] if remote else [str(p) for p in shards]
     target = remote.work if remote else str(out_dir)
     records = pipeline | "Shards" >> beam.Create([(i, sources[i]) for i in todo])

@@ -23,7 +23,7 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from terrabeam import NAMESPACE
+from terrabeam import NAMESPACE, beam_local
 from terrabeam.config import PipelineConfig
 from terrabeam.errors import RecordCountError
 from terrabeam.layout import ExportManifest, manifest_path, mixer_path, shard_name
@@ -139,7 +139,7 @@ def write_map(
     done = finished_tiles(names, stem, layers, tiling, with_records)
     todo = [tile for tile in range(tiling.count) if tile not in done]
     if todo:
-        pipeline = beam.Pipeline(options=PipelineOptions(flags))
+        pipeline = beam_local.pipeline(PipelineOptions(flags))
         predictions = source(pipeline, todo, spread)
         target = remote_tiles or str(tiles_dir)
         polygon = projected_geometry(config, tiling.grid.crs)
@@ -183,7 +183,7 @@ def _assemble_shards(
     todo = [i for i, name in enumerate(names) if not (work / name).exists()]
     remote_out = remote_tiles.rsplit("/", 1)[0] if remote_tiles else None
     if todo:
-        pipeline = beam.Pipeline(options=PipelineOptions(flags))
+        pipeline = beam_local.pipeline(PipelineOptions(flags))
         tiles_dir = remote_tiles or str(work / TILES_FOLDER)
         _ = (
             pipeline
