@@ -14,29 +14,29 @@ import time
 from pathlib import Path
 
 from terrabeam.config import load_config
-from terrabeam.sinks import geotiff
 from terrabeam.sources import raster
 from terrabeam.workflow.runner import Runner
 
 # stage → (file suffix, function name) whose cumulative time is that stage
 STAGES = {
-    "TFRecord read: gunzip + CRC": ("terrabeam/tfrecord.py", "read_records"),
-    "Example decode": ("terrabeam/tfrecord.py", "decode_example"),
     "model (ONNX Runtime run)": ("onnxruntime_inference_collection.py", "run"),
     "model load": ("predict/models.py", "load_model"),
     "model probe": ("predict/models.py", "probe_model"),
+    "waiting for the read-ahead (raster blocks)": ("concurrent/futures/_base.py", "result"),
+    "model input: stack, normalise": ("predict/io.py", "process"),
     "post-process (softmax, argmax, crop)": ("predict/io.py", "features"),
-    "Example encode": ("terrabeam/tfrecord.py", "encode_example"),
-    "TFRecord write: frame + gzip": ("terrabeam/tfrecord.py", "write"),
-    "quicklook PNG": ("sinks/geotiff.py", "write_quicklook"),
+    "patches into the tile's scratch files": ("sinks/tiles.py", "add"),
+    "tile COGs: encode + publish": ("sinks/tiles.py", "publish"),
+    "mosaic: single COG from the tiles": ("sinks/mosaic.py", "write_single_cog"),
+    "mosaic: VRT": ("sinks/mosaic.py", "write_vrt"),
+    "quicklook PNG": ("sinks/mosaic.py", "write_quicklook"),
 }
 
 
 # Stages that run in worker threads, which cProfile does not see: timed by wrapping the function
 # (seconds summed over threads). stage → (object, attribute)
 THREADED = {
-    "raster read + warp (export, in threads)": (raster._BandReader, "read"),
-    "COG conversion (deliver)": (geotiff, "_to_cog"),
+    "raster read + warp (in reader threads, overlapping the model)": (raster._BandReader, "read"),
 }
 
 

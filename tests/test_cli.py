@@ -73,7 +73,7 @@ def test_error_inside_beam_is_one_line_without_beams_traceback(tmp_path, tiny_pi
     result = _terrabeam("predict", config, "--run", "r")
     assert result.returncode == 1
     assert _progress_free(result.stderr) == [
-        f"terrabeam: error: {shard} record 0: malformed tf.train.Example: unsupported wire type 7 "
+        f"terrabeam: error: {shard} record 0: malformed tf.train.Example: invalid wire type 7 at byte 3 "
         "[while running 'DecodeRecord']"
     ]
 
