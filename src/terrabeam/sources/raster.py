@@ -20,7 +20,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
@@ -133,14 +133,23 @@ class _BandReader:
         # Without a nodata value GDAL marks warped coverage in an added alpha band (the last one);
         # the bands' own masks then claim every pixel valid.
         self.alpha_band = self.vrt.count if nodata is None else None
+        same_crs = CRS.from_user_input(grid.crs) == ds.crs
+        resampling = Resampling[config.source.resampling]
+        self.direct = (
+            _direct_read(ds, spec.band, self.vrt.transform, resampling, nodata) if same_crs else None
+        )
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """(values, valid) for ``window`` of the padded grid; invalid pixels hold the fill value."""
-        raw = self.vrt.read(self.spec.band, window=window, out_dtype="float32")
-        if self.alpha_band is not None:
-            valid = self.vrt.read(self.alpha_band, window=window) > 0
+        direct = self.direct.read(self.dataset, self.spec.band, window) if self.direct else None
+        if direct is not None:
+            raw, valid = direct
         else:
-            valid = self.vrt.read_masks(self.spec.band, window=window) > 0
+            raw = self.vrt.read(self.spec.band, window=window, out_dtype="float32")
+            if self.alpha_band is not None:
+                valid = self.vrt.read(self.alpha_band, window=window) > 0
+            else:
+                valid = self.vrt.read_masks(self.spec.band, window=window) > 0
         values = raw * np.float32(self.spec.scale) + np.float32(self.spec.offset)
         values[~valid] = self.fill
         return values, valid
@@ -148,6 +157,58 @@ class _BandReader:
     def close(self) -> None:
         self.vrt.close()
         self.dataset.close()
+
+
+@dataclass(frozen=True)
+class _DirectRead:
+    """A band whose pixels nest exactly in the grid's (same CRS, north-up, grid pixel = k × k band
+    pixels, edges on band pixel edges): windows inside the band are read with GDAL's RasterIO
+    (decimated for k > 1), ~10× cheaper than the warp kernel (BENCHMARKS.md). Windows that reach
+    past the band's edge go through the warp, as before."""
+
+    col_off: int  # band pixel of the padded grid's (0, 0)
+    row_off: int
+    factor: int
+    resampling: Resampling
+
+    def read(
+        self, ds: rasterio.DatasetReader, band: int, window: Window
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        k = self.factor
+        col, row = self.col_off + int(window.col_off) * k, self.row_off + int(window.row_off) * k
+        width, height = int(window.width), int(window.height)
+        if col < 0 or row < 0 or col + width * k > ds.width or row + height * k > ds.height:
+            return None
+        source = Window(col, row, width * k, height * k)
+        values = ds.read(
+            band, window=source, out_shape=(height, width), resampling=self.resampling, out_dtype="float32"
+        )
+        if k == 1:
+            return values, ds.read_masks(band, window=source) > 0
+        return values, np.ones((height, width), dtype=bool)
+
+
+def _direct_read(
+    ds: rasterio.DatasetReader, index: int, grid: Affine, resampling: Resampling, nodata: float | None
+) -> _DirectRead | None:
+    """A direct read of ``ds`` onto the padded grid ``grid`` where it gives what the warp gives: same
+    CRS is checked by the caller's grid; pixels nest exactly; decimation only where every band pixel
+    is valid (no nodata, no mask), since the warp weighs masked pixels out of an average, and not
+    with lanczos."""
+    band = ds.transform
+    if band.b or band.d or grid.b or grid.d or band.e >= 0 or grid.e >= 0:
+        return None
+    factor_x, factor_y = grid.a / band.a, grid.e / band.e
+    col, row = (grid.c - band.c) / band.a, (grid.f - band.f) / band.e
+    values = (factor_x, factor_y, col, row)
+    if any(abs(v - round(v)) > 1e-9 for v in values) or round(factor_x) != round(factor_y) or factor_x < 1:
+        return None
+    factor = round(factor_x)
+    masked = nodata is not None or any(flag != MaskFlags.all_valid for flag in ds.mask_flag_enums[index - 1])
+    # lanczos decimation differs between RasterIO and the warp (tests/test_direct_read.py)
+    if factor > 1 and (masked or resampling == Resampling.lanczos):
+        return None
+    return _DirectRead(round(col), round(row), factor, resampling)
 
 
 class RasterPatchReader:
