@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TextIO
 
 from tqdm import tqdm
@@ -51,3 +54,28 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def published_progress(label: str, total: int, unit: str, count: Callable[[], int]) -> Iterator[None]:
+    """Progress from what the runner has published, polled every 0.5 s with ``count()``: the runner's
+    workers may be anywhere, the finished files are the truth."""
+    stop = threading.Event()
+
+    def watch(progress: Progress) -> None:
+        while True:
+            finished = stop.wait(0.5)
+            done = count()
+            if done > progress.done:
+                progress.advance(done - progress.done)
+            if finished:
+                return
+
+    with Progress(label, total, unit) as progress:
+        watcher = threading.Thread(target=watch, args=(progress,), daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from terrabeam.config import PipelineConfig
 from terrabeam.errors import RecordCountError
 from terrabeam.layout import ExportManifest, manifest_path, mixer_path, shard_name
 from terrabeam.predict.pipeline import pipeline_flags
-from terrabeam.progress import Progress
+from terrabeam.progress import published_progress
 from terrabeam.region import projected_geometry
 from terrabeam.sinks.mosaic import TILES_FOLDER, class_colors, write_quicklook, write_single_cog, write_vrt
 from terrabeam.sinks.shards import AssembleShard, records_per_shard, shard_ranges
@@ -74,31 +72,6 @@ def _match_work(work: Path, identity: str) -> None:
     for path in sorted(work.rglob("*"), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()
     stamp.write_text(identity)
-
-
-@contextmanager
-def _tile_progress(tiles_dir: Path, pattern: re.Pattern[str], total: int, done: int) -> Iterator[None]:
-    """Report progress as tiles are published (the runner may be anywhere; the files are the truth)."""
-    stop = threading.Event()
-
-    def watch(progress: Progress) -> None:
-        while True:
-            finished = stop.wait(0.5)
-            count = sum(1 for p in tiles_dir.iterdir() if pattern.match(p.name)) if tiles_dir.is_dir() else 0
-            if count > progress.done:
-                progress.advance(count - progress.done)
-            if finished:
-                return
-
-    with Progress("tiles", total) as progress:
-        progress.advance(done)
-        watcher = threading.Thread(target=watch, args=(progress,), daemon=True)
-        watcher.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            watcher.join()
 
 
 def write_map(
@@ -148,7 +121,13 @@ def write_map(
             target, stem, layers, tiling, polygon, compression, group_by_tile and spread, with_records
         )
         pattern = re.compile(rf"^{re.escape(stem)}-{re.escape(layers[-1].stem)}-r\d+c\d+\.tif$")
-        with _tile_progress(tiles_dir, pattern, tiling.count, len(done)):
+
+        def published() -> int:
+            return len(done) + sum(
+                1 for p in tiles_dir.iterdir() if pattern.match(p.name) and p.name not in names
+            )
+
+        with published_progress("map", tiling.count, "tile", published):
             result = pipeline.run()
             result.wait_until_finish()
         counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]

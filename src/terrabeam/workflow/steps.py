@@ -15,7 +15,6 @@ import json
 import os
 import re
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
@@ -34,7 +33,7 @@ from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_p
 from terrabeam.predict.io import DecodeRecord, ReadKeyedRecords
 from terrabeam.predict.models import probe_model
 from terrabeam.predict.pipeline import PredictPatches, RemoteIO, prediction_bands, read_export, run_predict
-from terrabeam.progress import Progress
+from terrabeam.progress import published_progress
 from terrabeam.sources.raster import ReadRasterPatches, check_overlap, export_grid, export_rasters, open_band
 from terrabeam.tiling import Tiling
 from terrabeam.workflow.maps import write_map
@@ -164,29 +163,16 @@ def _shard_progress(config: PipelineConfig, export_dir: Path, work: Path) -> Ite
         yield
         return
     pattern = re.compile(rf"^{re.escape(config.predict.prefix)}-(\d+)\.tfrecord(\.gz)?$")
-    stop = threading.Event()
 
-    def watch(progress: Progress) -> None:
-        while True:
-            finished = stop.wait(0.5)
-            done = sum(
-                counts[int(m.group(1))]
-                for p in work.iterdir()
-                if (m := pattern.match(p.name)) and int(m.group(1)) < len(counts)
-            )
-            if done > progress.done:
-                progress.advance(done - progress.done)
-            if finished:
-                return
+    def published() -> int:
+        return sum(
+            counts[int(m.group(1))]
+            for p in work.iterdir()
+            if (m := pattern.match(p.name)) and int(m.group(1)) < len(counts)
+        )
 
-    with Progress("predict", sum(counts)) as progress:
-        watcher = threading.Thread(target=watch, args=(progress,), daemon=True)
-        watcher.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            watcher.join()
+    with published_progress("predict", sum(counts), "patch", published):
+        yield
 
 
 def _match_work_to(work: Path, export_dir: Path, config: PipelineConfig) -> None:
