@@ -162,9 +162,10 @@ class _BandReader:
 @dataclass(frozen=True)
 class _DirectRead:
     """A band whose pixels nest exactly in the grid's (same CRS, north-up, grid pixel = k × k band
-    pixels, edges on band pixel edges): windows inside the band are read with GDAL's RasterIO
-    (decimated for k > 1), ~10× cheaper than the warp kernel (BENCHMARKS.md). Windows that reach
-    past the band's edge go through the warp, as before."""
+    pixels, edges on band pixel edges): windows are read with GDAL's RasterIO (decimated for k > 1),
+    ~10× cheaper than the warp kernel (BENCHMARKS.md). Grid pixels wholly outside the band are
+    invalid, as the warp makes them; a window holding a grid pixel that the band covers only in
+    part (band size not a multiple of k) goes through the warp."""
 
     col_off: int  # band pixel of the padded grid's (0, 0)
     row_off: int
@@ -175,17 +176,41 @@ class _DirectRead:
         self, ds: rasterio.DatasetReader, band: int, window: Window
     ) -> tuple[np.ndarray, np.ndarray] | None:
         k = self.factor
-        col, row = self.col_off + int(window.col_off) * k, self.row_off + int(window.row_off) * k
+        gx, gy = int(window.col_off), int(window.row_off)
         width, height = int(window.width), int(window.height)
-        if col < 0 or row < 0 or col + width * k > ds.width or row + height * k > ds.height:
+        # grid pixels (of the padded grid) that the band covers whole: [x0, x1) × [y0, y1)
+        x0, x1 = -(self.col_off // k), (ds.width - self.col_off) // k
+        y0, y1 = -(self.row_off // k), (ds.height - self.row_off) // k
+        partial_x = {
+            x
+            for x, whole in ((x0 - 1, self.col_off % k == 0), (x1, (ds.width - self.col_off) % k == 0))
+            if not whole
+        }
+        partial_y = {
+            y
+            for y, whole in ((y0 - 1, self.row_off % k == 0), (y1, (ds.height - self.row_off) % k == 0))
+            if not whole
+        }
+        if any(gx <= x < gx + width for x in partial_x) or any(gy <= y < gy + height for y in partial_y):
             return None
-        source = Window(col, row, width * k, height * k)
-        values = ds.read(
-            band, window=source, out_shape=(height, width), resampling=self.resampling, out_dtype="float32"
+        values = np.zeros((height, width), np.float32)
+        valid = np.zeros((height, width), bool)
+        left, right = max(gx, x0), min(gx + width, x1)
+        top, bottom = max(gy, y0), min(gy + height, y1)
+        if left >= right or top >= bottom:
+            return values, valid
+        inner = (slice(top - gy, bottom - gy), slice(left - gx, right - gx))
+        source = Window(
+            self.col_off + left * k, self.row_off + top * k, (right - left) * k, (bottom - top) * k
         )
-        if k == 1:
-            return values, ds.read_masks(band, window=source) > 0
-        return values, np.ones((height, width), dtype=bool)
+        shape = (bottom - top, right - left)
+        whole = inner == (slice(0, height), slice(0, width))
+        out = values if whole else np.empty(shape, np.float32)  # whole window inside: read in place
+        ds.read(band, window=source, out=out, resampling=self.resampling)
+        if out is not values:
+            values[inner] = out
+        valid[inner] = ds.read_masks(band, window=source) > 0 if k == 1 else True
+        return values, valid
 
 
 def _direct_read(
