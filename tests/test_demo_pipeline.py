@@ -59,7 +59,7 @@ def test_outputs_and_summary(demo_run):
         for col in (0, 1)
     ]
     assert summary["patches"] == 8 and summary["pixels"] == 768 * 384
-    assert set(summary["seconds"]) == {"map", "total"}  # one pipeline: rasters → model → tiles
+    assert set(summary["seconds"]) == {"validate", "map", "total"}  # one pipeline: rasters → model → tiles
     assert summary["steps"]["map"]["tiles"] == 2
     assert summary["mpx_per_second"] > 0
     assert sorted(summary["outputs"]) == sorted(str(deliver / n) for n in files)

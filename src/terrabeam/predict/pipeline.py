@@ -28,7 +28,7 @@ from terrabeam.predict.io import (
     ReadKeyedRecords,
     WritePredictionShards,
 )
-from terrabeam.predict.models import PatchModelHandler, probe_model
+from terrabeam.predict.models import PatchModelHandler, forget_probed, probe_model
 from terrabeam.tfrecord import count_records
 
 
@@ -166,8 +166,11 @@ def run_predict(
     )
     read = written = 0
     if todo:
-        result = pipeline.run()
-        result.wait_until_finish()
+        try:
+            result = pipeline.run()
+            result.wait_until_finish()
+        finally:
+            forget_probed()  # the probe's model, if the pipeline ran elsewhere
         counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
         totals = {c.key.metric.name: c.committed or c.attempted for c in counters}
         read, written = totals.get("records_read", 0), totals.get("records_written", 0)

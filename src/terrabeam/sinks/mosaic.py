@@ -103,7 +103,7 @@ def class_colors(classes: list[str], colors: dict[str, str]) -> list[str]:
     return [colors.get(c, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i, c in enumerate(classes)]
 
 
-def write_quicklook(class_map: Path, target: Path, classes: list[str], colors: list[str]) -> None:
+def write_quicklook(class_map: Path, target: Path, classes: list[str], colors: list[str]) -> Path:
     """A PNG of the class map (at most 1024 px a side) with a legend strip underneath."""
     with rasterio.open(class_map) as ds:
         scale = max(1, int(np.ceil(max(ds.width, ds.height) / QUICKLOOK_MAX_SIDE)))
@@ -127,3 +127,4 @@ def write_quicklook(class_map: Path, target: Path, classes: list[str], colors: l
     partial = target.with_name(f".{target.name}.partial")
     image.save(partial, format="PNG")
     os.replace(partial, target)
+    return target

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections import deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,7 +210,12 @@ class WriteMapTiles(beam.DoFn):
 
     Patches of a tile normally arrive in one bundle (a tile is read by one task); ``grouped``
     input, (tile, [(PatchKey, bands)]) after a GroupByKey, serves sources whose order differs.
+    A complete tile is encoded and published behind, in a background thread (GDAL releases the
+    GIL), while the next tile's patches go through the model; at most ``WRITE_BEHIND`` tiles wait,
+    and the bundle ends only when all are published (an error in one fails the bundle).
     """
+
+    WRITE_BEHIND = 1
 
     def __init__(
         self,
@@ -232,6 +239,8 @@ class WriteMapTiles(beam.DoFn):
         self.tiles_written = beam.metrics.Metrics.counter(NAMESPACE, "tiles_written")
         self.patches_written = beam.metrics.Metrics.counter(NAMESPACE, "patches_written")
         self._open: dict[int, _TileFile] = {}
+        self._behind: deque[Future[int]] = deque()
+        self._writer: ThreadPoolExecutor | None = None
 
     def scratch_root(self) -> str | None:
         """Scratch files beside the tiles in a local folder (so the final rename stays on one file
@@ -246,8 +255,12 @@ class WriteMapTiles(beam.DoFn):
         else:
             os.replace(partial, Path(self.out_dir) / name)
 
+    def setup(self) -> None:
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="terrabeam-tile-writer")
+
     def start_bundle(self) -> None:
         self._open = {}
+        self._behind = deque()
 
     def process(self, element) -> None:
         if self.grouped:
@@ -264,15 +277,36 @@ class WriteMapTiles(beam.DoFn):
             file = self._open[tile] = _TileFile(self, tile)
         file.add(key, features)
         if file.complete:
-            self.patches_written.inc(file.publish())
-            self.tiles_written.inc()
             del self._open[tile]
+            while len(self._behind) >= self.WRITE_BEHIND:
+                self._published(self._behind.popleft())
+            if self._writer is None:  # a DoFn used without setup (direct calls in tests)
+                self.setup()
+            self._behind.append(self._writer.submit(file.publish))
+
+    def _published(self, future: Future[int]) -> None:
+        """Wait for one tile's publication; counted here, in the bundle's thread (Beam's metrics
+        are per bundle and thread)."""
+        self.patches_written.inc(future.result())
+        self.tiles_written.inc()
+
+    def _drain(self) -> None:
+        """Wait for every tile behind; the first error is raised after all have ended."""
+        error = None
+        while self._behind:
+            try:
+                self._published(self._behind.popleft())
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
     def finish_bundle(self) -> None:
         incomplete = sorted(self._open)
         for file in self._open.values():
             file.discard()
         self._open = {}
+        self._drain()
         if incomplete:
             raise RecordCountError(
                 f"tiles {incomplete[:5]} did not receive all their patches in one bundle; "
@@ -282,6 +316,9 @@ class WriteMapTiles(beam.DoFn):
     def teardown(self) -> None:
         for file in self._open.values():
             file.discard()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True, cancel_futures=True)
+            self._writer = None
 
 
 class WriteMap(beam.PTransform):

@@ -182,7 +182,9 @@ class Runner:
         state.reopen_run(record.id)
         reports = []
         try:
+            started = time.perf_counter()
             steps.validate_before_run(config)
+            validate_seconds = time.perf_counter() - started
             kept = []
             for step in record.steps:
                 if step.status == "done" and workspace.has_step(step.name):
@@ -198,7 +200,7 @@ class Runner:
                         log.warning("run %s: %d of %d %s kept", record.id, reused, report.details[part], what)
                 reports.append(report)
                 steps.release_free_memory()
-            summary = steps.write_summary(config, workspace, reports)
+            summary = steps.write_summary(config, workspace, reports, validate_seconds)
         except BaseException as exc:
             interrupt = find_cause(exc, KeyboardInterrupt)
             status, error = ("failed", _one_line(exc)) if interrupt is None else _interrupted(interrupt)

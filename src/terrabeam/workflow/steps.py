@@ -361,10 +361,14 @@ def validate(config: PipelineConfig) -> None:
         raise ConfigError(f"{heading}\n{lines}")
 
 
-def write_summary(config: PipelineConfig, workspace: Workspace, reports: list[StepReport]) -> Path:
-    """``<run>/summary.json``: patches, pixels, seconds per step, Mpx/s and outputs (written atomically)."""
+def write_summary(
+    config: PipelineConfig, workspace: Workspace, reports: list[StepReport], validate_seconds: float = 0.0
+) -> Path:
+    """``<run>/summary.json``: patches, pixels, seconds per step (and of the checks before them:
+    the model probe loads the model the in-process pipeline then uses), Mpx/s and outputs (written
+    atomically)."""
     by_name = {r.name: r for r in reports}
-    total = sum(r.seconds for r in reports)
+    total = validate_seconds + sum(r.seconds for r in reports)
     planned = by_name.get("map") or by_name.get("export")  # the steps that know the region
     region = planned.details["region_pixels"] if planned else None
     counted = by_name.get("map") or by_name.get("predict")
@@ -376,7 +380,9 @@ def write_summary(config: PipelineConfig, workspace: Workspace, reports: list[St
         "patches": counted.details["patches"] if counted else None,
         "region_pixels": region,
         "pixels": region[0] * region[1] if region else None,
-        "seconds": {r.name: round(r.seconds, 3) for r in reports} | {"total": round(total, 3)},
+        "seconds": {"validate": round(validate_seconds, 3)}
+        | {r.name: round(r.seconds, 3) for r in reports}
+        | {"total": round(total, 3)},
         "mpx_per_second": round(region[0] * region[1] / total / 1e6, 4) if region and total else None,
         "steps": {r.name: r.details for r in reports},
         "outputs": delivered.details["outputs"] if delivered else [],
