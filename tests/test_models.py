@@ -237,3 +237,36 @@ def test_per_pixel_run_model_feeds_only_unmasked_pixels():
     out = run_model(three_outputs, batch, model, (1, 1))
     assert calls[-1] == 47 and np.isnan(out[0, :, 1, 2]).all()
     assert np.isfinite(out).sum() == 3 * 47
+
+
+def test_the_probe_hands_its_model_to_the_first_load_in_this_process(tmp_path, monkeypatch):
+    """Synthetic 1×1 conv model. The probe's session is reused once (no second load), then loads
+    are fresh again; forget_probed() drops a model nobody took."""
+    from conftest import write_conv_model
+
+    from terrabeam.config import parse_config
+    from terrabeam.predict import models
+
+    write_conv_model(tmp_path / "m.onnx", channels=2, outputs=2, kernel=1)
+    config = parse_config(
+        {
+            "name": "t",
+            "source": {"bands": {"a": {"path": "a.tif"}, "b": {"path": "b.tif"}}},
+            "model": {"path": "m.onnx", "input_bands": ["a", "b"], "classes": ["x", "y"]},
+        },
+        tmp_path,
+    )
+    path = str(tmp_path / "m.onnx")
+    loads = []
+    real = models.load_predictor
+    monkeypatch.setattr(models, "load_predictor", lambda *a: loads.append(a) or real(*a))
+    models.probe_model(config.model, path, (8, 8))
+    assert len(loads) == 1
+    handler = models.PatchModelHandler(config.model, path, (0, 0))
+    first = handler.load_model()
+    assert len(loads) == 1, "the probe's model is handed over, not loaded again"
+    assert handler.load_model() is not first and len(loads) == 2
+    models.probe_model(config.model, path, (8, 8))
+    models.forget_probed()
+    handler.load_model()
+    assert len(loads) == 4
