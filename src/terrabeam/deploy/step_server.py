@@ -37,7 +37,6 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from terrabeam import storage
 from terrabeam.config import PipelineConfig, load_config
-from terrabeam.deploy.flex_main import RUN_ID_PATTERN
 from terrabeam.errors import TerrabeamError
 from terrabeam.workflow import steps
 from terrabeam.workflow.runner import is_transient
@@ -49,6 +48,8 @@ STEP_FUNCTIONS: dict[str, Callable[[PipelineConfig, Workspace], steps.StepReport
     "export": steps.export_step,
     "deliver": steps.deliver_step,
 }
+# Run ids as the workflow gives them (an execution id, or {"run": ID}); the Flex Template checks the same.
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 _RUN_ID = re.compile(RUN_ID_PATTERN)
 _STATUS_TEXT = {200: "OK", 202: "Accepted", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
 _STATUS_TEXT |= {411: "Length Required", 413: "Content Too Large", 422: "Unprocessable Entity"}
