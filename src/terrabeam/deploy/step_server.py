@@ -15,7 +15,8 @@ remote), so any instance can answer a poll; "done" counts only while the step's 
 ``<run>/.status/<step>.claim-<attempt>``, atomically (storage.create_exclusive); a request that
 cannot runs nothing and answers 202. The next attempt may start once the latest one is recorded done
 or failed, or after STALE_SECONDS. Binds 127.0.0.1 unless told otherwise; in the container it binds
-0.0.0.0 on $PORT, as Cloud Run requires.
+0.0.0.0 on $PORT, as Cloud Run requires. The Flex Template launcher (flex_main) claims and records
+its own step (map or predict) through the same StepService.start, without HTTP.
 """
 
 from __future__ import annotations
