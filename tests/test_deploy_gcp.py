@@ -2,6 +2,8 @@
 values; deploy.sh passes bash -n and shellcheck; the entry points the images run (the Flex Template
 launcher and the step server) work on a small synthetic pipeline, locally on FnApiRunner, with the
 workspace a local folder or an s3:// bucket on a moto server on 127.0.0.1 (standing in for gs://).
+A raster-sourced pipeline deploys as the map step alone on Dataflow; one with an Earth Engine sink
+(or source) as export (Cloud Run) → predict (Dataflow) → deliver (Cloud Run).
 
 Nothing here talks to Google Cloud: the rendered deployment is not verified against the live service.
 """
@@ -23,7 +25,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+import rasterio
 import yaml
 from test_object_storage import BUCKET as S3_BUCKET
 from test_object_storage import s3  # noqa: F401 - the moto S3 server fixture, used by name
@@ -64,11 +68,31 @@ def cloud_document(document: dict, project: str = PROJECT) -> dict:
     return doc
 
 
+def earth_engine_document(document: dict) -> dict:
+    """The same pipeline delivering into Earth Engine: export → predict → deliver, as every Earth
+    Engine pipeline runs (the raster source keeps the local steps runnable without Earth Engine)."""
+    doc = copy.deepcopy(document)
+    doc["earthengine"] = {"project": PROJECT, "staging": "gs://acme-runs/ee-staging"}
+    doc["outputs"]["earthengine"] = {"collection": f"projects/{PROJECT}/assets/tiny"}
+    return doc
+
+
 @pytest.fixture
 def rendered(tiny_pipeline, tmp_path):
+    """The raster pipeline's deployment: the map step on Dataflow, no Cloud Run."""
     document, write = tiny_pipeline
     config = write(cloud_document(document), "cloud.yaml")
     out = tmp_path / "gcp"
+    render_gcp(load_config(config), out)
+    return out
+
+
+@pytest.fixture
+def rendered_ee(tiny_pipeline, tmp_path):
+    """The Earth Engine pipeline's deployment: export and deliver on Cloud Run, predict on Dataflow."""
+    document, write = tiny_pipeline
+    config = write(earth_engine_document(cloud_document(document)), "cloud-ee.yaml")
+    out = tmp_path / "gcp-ee"
     render_gcp(load_config(config), out)
     return out
 
@@ -133,9 +157,14 @@ def _roots(expression: str) -> set[str]:
     return roots
 
 
-def test_workflow_parses_and_every_variable_it_reads_is_defined(rendered):
+@pytest.mark.parametrize(
+    ("deployment", "subworkflows"),
+    [("rendered", {"main", "transient"}), ("rendered_ee", {"main", "run_step", "transient"})],
+)
+def test_workflow_parses_and_every_variable_it_reads_is_defined(deployment, subworkflows, request):
+    rendered = request.getfixturevalue(deployment)
     workflow = yaml.safe_load((rendered / "workflow.yaml").read_text())
-    assert set(workflow) == {"main", "run_step", "transient"}
+    assert set(workflow) == subworkflows
     for name, sub in workflow.items():
         found = {"defined": set(sub["params"]), "steps": set(), "calls": [], "nexts": set()}
         _walk_steps(sub["steps"], found)
@@ -150,12 +179,46 @@ def test_workflow_parses_and_every_variable_it_reads_is_defined(rendered):
                 assert call.split(".")[0] in STD_LIBRARIES, call
 
 
-def test_workflow_runs_export_predict_deliver_with_the_configs_values(rendered):
+def _main_steps(rendered: Path) -> dict:
     workflow = yaml.safe_load((rendered / "workflow.yaml").read_text())
-    steps = {name: body for entry in workflow["main"]["steps"] for name, body in entry.items()}
+    return {name: body for entry in workflow["main"]["steps"] for name, body in entry.items()}
+
+
+def test_workflow_of_a_raster_source_runs_the_map_step_on_dataflow_alone(rendered):
+    steps = _main_steps(rendered)
+    assert list(steps) == [
+        *("init", "read_args", "read_run", "name_job"),
+        *("launch_map", "poll_map", "check_map", "wait_map", "done"),
+    ]
+    text = (rendered / "workflow.yaml").read_text()
+    assert "run_step" not in text and "STEPS_URL" not in text and "OIDC" not in text  # no Cloud Run
+    launch = steps["launch_map"]["try"]["args"]
+    assert launch["url"] == '${dataflow_api + "/flexTemplates:launch"}'
+    assert launch["body"]["launchParameter"]["parameters"] == {"workspace": "${workspace}", "run": "${run}"}
+    init = {k: v for item in steps["init"]["assign"] for k, v in item.items()}
+    assert init["template"] == "gs://acme-runs/terrabeam/tiny/.deploy/tiny-map.json"
+    assert '"tiny-map-"' in steps["name_job"]["assign"][0]["job_name"]
+    done, failing = steps["check_map"]["switch"]
+    assert done == {"condition": '${job.body.currentState == "JOB_STATE_DONE"}', "next": "done"}
+    assert failing["raise"]["step"] == "map" and "JOB_STATE_FAILED" in failing["condition"]
+    assert steps["wait_map"]["next"] == "poll_map"
+    assert steps["done"]["return"] == {
+        "run": "${run}",
+        "workspace": "${workspace}",
+        "map_job": "${launch.body.job.id}",
+    }
+
+
+def test_workflow_runs_export_predict_deliver_with_the_configs_values(rendered_ee):
+    rendered = rendered_ee
+    steps = _main_steps(rendered)
     order = list(steps)
-    assert order.index("export") < order.index("launch_predict") < order.index("poll_predict")
-    assert order.index("poll_predict") < order.index("deliver")
+    assert order == [
+        *("init", "read_args", "read_run", "name_job", "export"),
+        *("launch_predict", "poll_predict", "check_predict", "wait_predict", "deliver", "done"),
+    ]
+    assert steps["check_predict"]["switch"][0]["next"] == "deliver"
+    assert steps["export"]["call"] == steps["deliver"]["call"] == "run_step"
     assert steps["export"]["args"]["step"] == "export" and steps["deliver"]["args"]["step"] == "deliver"
     init = {k: v for item in steps["init"]["assign"] for k, v in item.items()}
     assert init["project"] == PROJECT and init["region"] == REGION
@@ -187,7 +250,8 @@ def test_workflow_runs_export_predict_deliver_with_the_configs_values(rendered):
     )
 
 
-def test_workflow_step_calls_poll_and_raise_the_steps_error(rendered):
+def test_workflow_step_calls_poll_and_raise_the_steps_error(rendered_ee):
+    rendered = rendered_ee
     run_step = yaml.safe_load((rendered / "workflow.yaml").read_text())["run_step"]
     steps = {name: body for entry in run_step["steps"] for name, body in entry.items()}
     post = steps["start"]["try"]
@@ -204,9 +268,12 @@ def test_workflow_step_calls_poll_and_raise_the_steps_error(rendered):
 # --- Flex Template: metadata and launcher ---------------------------------------------------------
 
 
-def test_flex_metadata_declares_exactly_what_the_launcher_reads(rendered):
+@pytest.mark.parametrize(("deployment", "step"), [("rendered", "map"), ("rendered_ee", "predict")])
+def test_flex_metadata_declares_exactly_what_the_launcher_reads(deployment, step, request):
+    rendered = request.getfixturevalue(deployment)
     metadata = json.loads((rendered / "flex" / "metadata.json").read_text())
-    assert metadata["name"] and metadata["description"]
+    assert metadata["name"] == f"tiny-{step}" and metadata["description"].startswith(f"terrabeam {step} step")
+    assert f"<workspace>/<run>/{'deliver' if step == 'map' else 'predict'}" in metadata["description"]
     parser = flex_main.build_parser()
     read = {a.dest: a for a in parser._actions if a.dest != "help"}
     declared = {p["name"]: p for p in metadata["parameters"]}
@@ -231,12 +298,14 @@ def test_predict_image_runs_the_launcher_and_serves_as_worker(rendered):
     env = re.search(r"FLEX_TEMPLATE_PYTHON_PY_FILE=(\S+)", dockerfile).group(1)
     assert f"COPY flex/launcher.py {env}" in dockerfile and (rendered / "flex" / "launcher.py").exists()
     assert "TERRABEAM_CONFIG=/template/pipeline/pipeline.yaml" in dockerfile
-    assert 'terrabeam[gcp]"' in dockerfile  # onnx model: no framework extra
+    assert 'terrabeam[gcp]"' in dockerfile  # onnx model: no framework extra; gcp: Beam's gs:// file system
+    assert "CPL_MACHINE_IS_GCE=YES" in dockerfile  # GDAL's /vsigs/ takes the account's token in a container
     cloudbuild = yaml.safe_load((rendered / "cloudbuild.yaml").read_text())
     for step in cloudbuild["steps"]:
         assert (rendered / step["args"][step["args"].index("-f") + 1]).exists()
     workflow = (rendered / "workflow.yaml").read_text()
-    assert cloudbuild["images"][0] in workflow  # the worker image is the one built
+    assert cloudbuild["images"] == [re.search(r"sdkContainerImage: (\S+)", workflow).group(1)]
+    assert not (rendered / "steps.Dockerfile").exists()  # the map step needs no Cloud Run image
 
 
 def test_baked_config_loads_and_differs_only_in_workspace_and_model_path(rendered, tiny_pipeline):
@@ -250,35 +319,75 @@ def test_baked_config_loads_and_differs_only_in_workspace_and_model_path(rendere
     assert (rendered / "terrabeam" / "src" / "terrabeam" / "deploy" / "flex_main.py").exists()
 
 
-def test_rendered_launcher_predicts_a_local_run_on_fnapirunner(rendered, tiny_pipeline, tmp_path):
-    """flex/launcher.py, as the Flex Template runs it, predicts an export made by the step server."""
-    document, write = tiny_pipeline
-    config = write()
-    service = step_server.StepService(load_config(config), tmp_path / "ws")
-    assert service.start("export", "run-1")[0] == 200
+def _launch(launcher: Path, workspace: Path, run: str, config: Path) -> dict:
+    """flex/launcher.py as the Flex Template runs it, on FnApiRunner; its one-line JSON report."""
     result = subprocess.run(
-        [sys.executable, str(rendered / "flex" / "launcher.py"), "--workspace", str(tmp_path / "ws")]
-        + ["--run", "run-1", "--config", str(config), "--runner=FnApiRunner"],
+        [sys.executable, str(launcher), "--workspace", str(workspace), "--run", run]
+        + ["--config", str(config), "--runner=FnApiRunner"],
         capture_output=True,
         text=True,
         env=ENV,
     )
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_rendered_launcher_runs_the_map_step_of_a_raster_run(rendered, tiny_pipeline, tmp_path):
+    """A raster run is the launcher's alone: it starts the run, runs the map step (rasters → model →
+    tiles → mosaic) and records the step as the step server records its own."""
+    document, write = tiny_pipeline
+    ws = tmp_path / "ws"
+    report = _launch(rendered / "flex" / "launcher.py", ws, "run-1", write())
+    deliver = ws / "run-1" / "deliver"
+    assert report["step"] == "map" and report["location"] == str(deliver)
+    assert report["tiles"] >= 1 and report["patches"] == 12  # 70×50 px in 32×16 patches: 3 × 4
+    assert {Path(p).name for p in report["outputs"]} >= {"tiny-classes.tif", "tiny-quicklook.png"}
+    with rasterio.open(deliver / "tiny-classes.tif") as classes:
+        assert (classes.width, classes.height) == (70, 50)
+        assert set(np.unique(classes.read(1))) <= {0, 1}
+    assert list((deliver / "tiles").glob("tiny-classes-r*c*.tif"))
+    assert not (ws / "run-1" / "export").exists() and not (ws / "run-1" / "predict").exists()
+    status = json.loads((ws / "run-1" / ".status" / "map.json").read_text())
+    assert status["status"] == "done" and status["step"] == "map" and status["attempt"] == 1
+    assert status["details"] == {
+        k: v for k, v in report.items() if k not in ("run", "step", "seconds", "location")
+    }
+    assert step_server.StepService(load_config(write()), ws, functions={"map": None}).status(
+        "map", "run-1"
+    ) == (
+        200,
+        status,
+    )
+    again = _launch(rendered / "flex" / "launcher.py", ws, "run-1", write())  # a retried launch
+    assert again == report and json.loads((ws / "run-1" / ".status" / "map.json").read_text()) == status
+
+
+def test_rendered_launcher_predicts_an_earth_engine_run(rendered_ee, tiny_pipeline, tmp_path):
+    """With an Earth Engine sink the launcher predicts the export the step server made, as before."""
+    document, write = tiny_pipeline
+    config = write(earth_engine_document(document), "ee.yaml")
+    service = step_server.StepService(load_config(config), tmp_path / "ws")
+    assert service.start("export", "run-1")[0] == 200
+    report = _launch(rendered_ee / "flex" / "launcher.py", tmp_path / "ws", "run-1", config)
     assert report["step"] == "predict" and report["patches"] > 0
     predict = tmp_path / "ws" / "run-1" / "predict"
     assert (predict / "predictions-mixer.json").exists() and list(predict.glob("predictions-*.tfrecord.gz"))
+    assert not (tmp_path / "ws" / "run-1" / "deliver").exists()  # deliver is the step server's
+    status = json.loads((tmp_path / "ws" / "run-1" / ".status" / "predict.json").read_text())
+    assert status["status"] == "done" and status["details"]["patches"] == report["patches"]
 
 
 def test_launcher_errors_are_one_line(tiny_pipeline, tmp_path, capsys):
     document, write = tiny_pipeline
-    config = str(write())
+    config = str(write(earth_engine_document(document), "ee.yaml"))
     assert flex_main.main(["--workspace", "relative/ws", "--run", "r1", "--config", config]) == 1
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "--workspace 'relative/ws'" in error
     assert flex_main.main(["--workspace", str(tmp_path / "ws"), "--run", "nothing", "--config", config]) == 1
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "export" in error and "nothing" in error
+    failed = json.loads((tmp_path / "ws" / "nothing" / ".status" / "predict.json").read_text())
+    assert failed["status"] == "failed" and "export" in failed["error"]  # recorded, as on Cloud Run
     assert flex_main.main(["--workspace", str(tmp_path), "--run", "../up", "--config", config]) == 1
     assert "--run" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -304,8 +413,10 @@ def serving(service: step_server.StepService) -> Iterator[str]:
 
 @pytest.fixture
 def server(tiny_pipeline, tmp_path):
+    """The step server of the Earth Engine pipeline (only Earth Engine pipelines deploy one)."""
     document, write = tiny_pipeline
-    with serving(step_server.StepService(load_config(write()), tmp_path / "ws")) as url:
+    config = load_config(write(earth_engine_document(document), "ee.yaml"))
+    with serving(step_server.StepService(config, tmp_path / "ws")) as url:
         yield url, tmp_path / "ws"
 
 
@@ -331,8 +442,8 @@ def test_step_server_runs_export_and_deliver_over_http(server, tiny_pipeline, tm
     assert code == 422 and failed["status"] == "failed" and "predict" in failed["error"]
     assert "\n" not in failed["error"]
     assert _call(f"{url}/steps/deliver?run=r1")[1]["status"] == "failed"
-    document, write = tiny_pipeline
-    assert flex_main.main(["--workspace", str(ws), "--run", "r1", "--config", str(write())]) == 0
+    config = str(tiny_pipeline[1](earth_engine_document(tiny_pipeline[0]), "ee.yaml"))
+    assert flex_main.main(["--workspace", str(ws), "--run", "r1", "--config", config]) == 0
     code, delivered = _call(f"{url}/steps/deliver", {"run": "r1"})
     assert code == 200 and delivered["status"] == "done"
     assert all(Path(p).exists() for p in delivered["details"]["outputs"])
@@ -354,7 +465,8 @@ def test_step_server_binds_localhost_by_default_and_port_from_env(monkeypatch):
     assert args.host == "127.0.0.1" and args.port == 9123
 
 
-def test_steps_image_listens_on_port_on_all_interfaces(rendered):
+def test_steps_image_listens_on_port_on_all_interfaces(rendered_ee):
+    rendered = rendered_ee
     dockerfile = (rendered / "steps.Dockerfile").read_text()
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1))
     assert cmd[:3] == ["python", "-m", "terrabeam.deploy.step_server"]
@@ -412,7 +524,7 @@ def test_cloud_chain_meets_only_in_an_object_store_workspace(tiny_pipeline, tmp_
     Run instances and the Dataflow launcher do, the steps share nothing but the bucket."""
     document, write = tiny_pipeline
     workspace = f"s3://{S3_BUCKET}/ws"
-    config_path = write(document | {"workspace": workspace})
+    config_path = write(earth_engine_document(document) | {"workspace": workspace})
     config = load_config(config_path)
 
     with serving(step_server.StepService(config, tmp_path / "instance-1", workspace)) as url:
@@ -456,11 +568,40 @@ def test_cloud_chain_meets_only_in_an_object_store_workspace(tiny_pipeline, tmp_
     assert code == 404 and missing["status"] == "missing" and COMPLETE in missing["error"]
 
 
+def test_map_launcher_publishes_into_an_object_store_workspace(tiny_pipeline, tmp_path, s3):  # noqa: F811
+    """The map step from the launcher's own mirror to s3:// (moto): the map and the step's status are
+    in the bucket; a launcher with an empty mirror finds the run done there and redoes nothing."""
+    document, write = tiny_pipeline
+    workspace = f"s3://{S3_BUCKET}/ws"
+    config = write(document | {"workspace": workspace})
+
+    def launch(cache: Path) -> dict:
+        result = subprocess.run(
+            [sys.executable, "-m", "terrabeam.deploy.flex_main", "--workspace", workspace, "--run", "r1"]
+            + ["--config", str(config), "--runner=FnApiRunner"],
+            capture_output=True,
+            text=True,
+            env=os.environ | {"PYTHONPATH": SRC, "PATH": ENV["PATH"], "TERRABEAM_CACHE": str(cache)},
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    report = launch(tmp_path / "launcher-1")
+    assert report["step"] == "map" and report["location"] == f"{workspace}/r1/deliver"
+    assert f"{workspace}/r1/deliver/tiny-classes.tif" in report["outputs"]
+    assert {"tiny-classes.tif", "tiny-quicklook.png"} <= set(_marked_files(s3, "ws/r1/deliver"))
+    status = json.loads(s3.get_object(Bucket=S3_BUCKET, Key="ws/r1/.status/map.json")["Body"].read())
+    assert status["status"] == "done" and status["step"] == "map"
+    assert launch(tmp_path / "launcher-2") == report  # the recorded report: done in the bucket
+    assert not (tmp_path / "launcher-2" / "workspaces" / "s3" / S3_BUCKET / "ws" / "r1" / "deliver").exists()
+
+
 # --- deploy.sh, scheduler, service account -------------------------------------------------------
 
 
-def test_deploy_script_passes_bash_n_and_shellcheck(rendered):
-    script = rendered / "deploy.sh"
+@pytest.mark.parametrize("deployment", ["rendered", "rendered_ee"])
+def test_deploy_script_passes_bash_n_and_shellcheck(deployment, request):
+    script = request.getfixturevalue(deployment) / "deploy.sh"
     assert os.access(script, os.X_OK)
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     shellcheck = shutil.which("shellcheck", path=ENV["PATH"])
@@ -470,30 +611,67 @@ def test_deploy_script_passes_bash_n_and_shellcheck(rendered):
     assert "set -euo pipefail" in script.read_text()
 
 
-def test_deploy_script_runs_every_step_in_order_with_the_configs_values(rendered):
+DEPLOY_ORDER = [
+    "gcloud services enable",
+    "gcloud iam service-accounts create tb-runner",
+    "gcloud storage buckets create",
+    "gcloud artifacts repositories create",
+    "add-iam-policy-binding",
+    "gcloud builds submit",
+    "gcloud dataflow flex-template build",
+    "gcloud run deploy",
+    "gcloud workflows deploy",
+    "gcloud scheduler jobs create http",
+]
+
+
+@pytest.mark.parametrize(
+    ("deployment", "config"), [("rendered", "cloud.yaml"), ("rendered_ee", "cloud-ee.yaml")]
+)
+def test_deploy_script_runs_every_step_in_order_with_the_configs_values(deployment, config, request):
+    rendered = request.getfixturevalue(deployment)
+    target = gcp_target.GcpTarget.from_config(load_config(rendered.parent / config))
     text = (rendered / "deploy.sh").read_text()
-    order = [
-        "gcloud services enable",
-        "gcloud iam service-accounts create tb-runner",
-        "gcloud storage buckets create",
-        "gcloud artifacts repositories create",
-        "add-iam-policy-binding",
-        "gcloud builds submit",
-        "gcloud dataflow flex-template build",
-        "gcloud run deploy",
-        "gcloud workflows deploy",
-        "gcloud scheduler jobs create http",
-    ]
+    order = DEPLOY_ORDER if target.service_steps else [c for c in DEPLOY_ORDER if c != "gcloud run deploy"]
     positions = [text.index(command) for command in order]
     assert positions == sorted(positions)
     assert f"PROJECT={PROJECT}\n" in text and f"REGION={REGION}\n" in text
     assert f"SERVICE_ACCOUNT={ACCOUNT}\n" in text and "CRON='15 4 * * 1'\n" in text
     assert "BUCKETS=(acme-runs acme-dataflow-tmp)" in text
-    for grant in grants(gcp_target.GcpTarget.from_config(load_config(rendered.parent / "cloud.yaml"))):
+    # The source bands' bucket is read, never created: its own array, objectViewer only.
+    assert "SOURCE_BUCKETS=(acme-imagery)" in text and "acme-imagery" not in text.split("SOURCE_BUCKETS=")[0]
+    assert '"${SOURCE_BUCKETS[@]}"; do\n  gcloud storage buckets add-iam-policy-binding' in text
+    assert text.count("--role=roles/storage.objectViewer") == 1
+    for grant in grants(target):
         assert f"--role={grant.role}" in text
-    assert "earthengine" not in text  # no Earth Engine in this pipeline: no roles, no API
+    assert ("earthengine" in text) is (deployment == "rendered_ee")  # its roles and API, only with it
     for secret in ("keys create", "key-file", "PRIVATE KEY", "--password"):
         assert secret not in text
+
+
+def test_a_raster_deployment_has_no_cloud_run(rendered):
+    """The map step runs whole on Dataflow: no service, image, API or role for Cloud Run."""
+    target = gcp_target.GcpTarget.from_config(load_config(rendered.parent / "cloud.yaml"))
+    assert (target.steps, target.template_step, target.service_steps) == (("map",), "map", ())
+    text = (rendered / "deploy.sh").read_text()
+    for cloud_run in ("gcloud run", "run.googleapis.com", "roles/run.invoker", "STEPS_URL", "STEPS_IMAGE"):
+        assert cloud_run not in text, cloud_run
+    assert 'gcloud workflows deploy "$WORKFLOW" --source=workflow.yaml' in text
+    account = (rendered / "service-account.txt").read_text()
+    assert "Cloud Run" not in account and "roles/run.invoker" not in account
+    assert "roles/storage.objectViewer" in account and "map step's launcher and workers" in account
+    builds = yaml.safe_load((rendered / "cloudbuild.yaml").read_text())["steps"]
+    assert [build["id"] for build in builds] == ["predict"]
+
+
+def test_an_earth_engine_deployment_keeps_export_and_deliver_on_cloud_run(rendered_ee):
+    target = gcp_target.GcpTarget.from_config(load_config(rendered_ee.parent / "cloud-ee.yaml"))
+    assert (target.template_step, target.service_steps) == ("predict", ("export", "deliver"))
+    text = (rendered_ee / "deploy.sh").read_text()
+    assert 'step "Cloud Run service $SERVICE (export and deliver)"' in text
+    assert '--set-env-vars="STEPS_URL=$STEPS_URL"' in text and "--role=roles/run.invoker" in text
+    assert "run.googleapis.com" in text and (rendered_ee / "steps.Dockerfile").exists()
+    assert "acme-runs/terrabeam/tiny/.deploy/tiny-predict.json" in text  # the template's spec
 
 
 def test_every_cloud_value_comes_from_the_config(tiny_pipeline, tmp_path):
@@ -529,18 +707,15 @@ def test_scheduler_job_fires_the_workflow_on_the_cron(rendered):
     assert '--schedule="$CRON"' in (rendered / "deploy.sh").read_text()
 
 
-def test_earth_engine_pipelines_get_its_roles_and_api(tiny_pipeline, tmp_path, monkeypatch):
-    monkeypatch.setattr(gcp_target, "uses_earth_engine", lambda config: True)
-    document, write = tiny_pipeline
-    render_gcp(load_config(write(cloud_document(document), "ee.yaml")), tmp_path / "ee")
-    text = (tmp_path / "ee" / "deploy.sh").read_text()
+def test_earth_engine_pipelines_get_its_roles_and_api(rendered_ee):
+    text = (rendered_ee / "deploy.sh").read_text()
     for needed in (
         "roles/earthengine.writer",
         "roles/serviceusage.serviceUsageConsumer",
         "earthengine.googleapis.com",
     ):
         assert needed in text
-    assert 'terrabeam[gcp,earthengine]"' in (tmp_path / "ee" / "steps.Dockerfile").read_text()
+    assert 'terrabeam[gcp,earthengine]"' in (rendered_ee / "steps.Dockerfile").read_text()
 
 
 def test_without_schedule_there_is_no_scheduler_job(tiny_pipeline, tmp_path):

@@ -129,7 +129,8 @@ class Workspace:
         return self.remote_step(step) if self.remote else str(self.step_dir(step))
 
     def remote_step(self, step: str) -> str:
-        return f"{self.remote}/{self.run_id}/{step}"
+        """The step's folder in the remote workspace (map publishes where deliver does, as locally)."""
+        return f"{self.remote}/{self.run_id}/{FOLDERS.get(step, step)}"
 
     @classmethod
     def latest(

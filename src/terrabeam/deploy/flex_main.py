@@ -1,4 +1,7 @@
-"""The Dataflow Flex Template launcher's entry point: run the predict step of one run.
+"""The Dataflow Flex Template launcher's entry point: run the Dataflow step of one run, the one
+``terrabeam run`` would run on Beam: ``map`` for a raster source with file outputs (the workers read
+the rasters, run the model and write map tiles; here the grid is planned and the mosaic made),
+``predict`` when Earth Engine is the source or sink (export and deliver are the step server's).
 
     python -m terrabeam.deploy.flex_main --workspace gs://BUCKET/ROOT --run ID [--config FILE] [beam options…]
 
@@ -6,6 +9,8 @@ The parameters are the ones metadata.json declares (PARAMETERS); every other opt
 Dataflow launcher adds: --runner, --project, --region, --temp_location, …) goes to Beam after the
 config's runner flags, so it wins. The workspace is a gs:// (or s3://) URI, mirrored locally as
 every command does (terrabeam.workspace), or a local folder; any runner works, e.g. FnApiRunner.
+The step is claimed and its status recorded in ``<run>/.status/<step>.json`` as the step server
+does, so a run's record in the workspace names its steps whichever service ran them.
 """
 
 from __future__ import annotations
@@ -18,14 +23,16 @@ import re
 import sys
 from collections.abc import Sequence
 
-from terrabeam.config import load_config
+from terrabeam.config import PipelineConfig, load_config
+from terrabeam.deploy.step_server import RUN_ID_PATTERN, StepService
 from terrabeam.errors import WorkspaceError
-from terrabeam.workflow import steps
+from terrabeam.workflow import steps, tasks
 from terrabeam.workspace import Workspace, resolve_root
 
 # The image bakes the pipeline config in here (see the rendered predict.Dockerfile).
 CONFIG_ENV = "TERRABEAM_CONFIG"
-RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+# The steps that run on Dataflow (one per run); the others run on the step server (Cloud Run).
+TEMPLATE_STEPS = ("map", "predict")
 WORKSPACE_PATTERN = r"^((gs|s3)://[a-z0-9][a-z0-9._-]+[a-z0-9](/.*)?|/.+)$"
 
 # name → (label, help text, optional, regex); metadata.json is rendered from this, and the parser below
@@ -33,11 +40,17 @@ WORKSPACE_PATTERN = r"^((gs|s3)://[a-z0-9][a-z0-9._-]+[a-z0-9](/.*)?|/.+)$"
 PARAMETERS: dict[str, tuple[str, str, bool, str | None]] = {
     "workspace": (
         "Workspace root",
-        "gs:// folder holding the runs: <workspace>/<run>/export is read, <run>/predict is written.",
+        "gs:// folder holding the runs. Raster source: the map step writes <workspace>/<run>/deliver "
+        "(map tiles, mosaic); Earth Engine source or sink: predict reads <run>/export, writes <run>/predict.",
         False,
         WORKSPACE_PATTERN,
     ),
-    "run": ("Run id", "The run whose export to predict (a folder in the workspace).", False, RUN_ID_PATTERN),
+    "run": (
+        "Run id",
+        "The run to do the step of (a folder in the workspace; a raster source's run starts here).",
+        False,
+        RUN_ID_PATTERN,
+    ),
     "config": (
         "Pipeline config",
         f"Pipeline YAML file inside the image (default: the one baked in, ${CONFIG_ENV}).",
@@ -47,9 +60,17 @@ PARAMETERS: dict[str, tuple[str, str, bool, str | None]] = {
 }
 
 
+def template_step(config: PipelineConfig) -> str:
+    """The step of ``config``'s run that the Flex Template runs: of the steps ``terrabeam run`` would
+    run (steps.run_steps), the one on Beam workers."""
+    (step,) = (name for name in steps.run_steps(config) if name in TEMPLATE_STEPS)
+    return step
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m terrabeam.deploy.flex_main", description="Run the predict step of one run."
+        prog="python -m terrabeam.deploy.flex_main",
+        description="Run the Dataflow step of one run: map (raster source) or predict (Earth Engine).",
     )
     for name, (_, text, optional, _) in PARAMETERS.items():
         parser.add_argument(f"--{name}", required=not optional, help=text)
@@ -67,18 +88,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not config_path:
             raise WorkspaceError(f"no pipeline config: give --config or set ${CONFIG_ENV}")
         config = load_config(config_path)
+        step = template_step(config)
         root, remote = resolve_root(args.workspace)
-        workspace = Workspace(root, args.run, remote)
-        workspace.ensure_writable()
-        report = steps.predict_step(config, workspace, beam_args)
+
+        def run(config: PipelineConfig, workspace: Workspace) -> steps.StepReport:
+            steps.validate_before_run(config)  # as `terrabeam run` does before its first step
+            task = tasks.task_for(step, config, workspace, beam_args, tasks.RunContext(workspace.run_id))
+            return tasks.start_and_poll(task)
+
+        code, record = StepService(config, root, remote, {step: run}).start(step, args.run)
     except Exception as exc:  # the launcher's log shows this one line as the job's error
         print(f"terrabeam: error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         return 1
+    if record["status"] != "done":
+        error = record.get("error") or f"attempt {record.get('attempt')} is running elsewhere (HTTP {code})"
+        print(f"terrabeam: error: step {step} of run {args.run}: {error}".splitlines()[0], file=sys.stderr)
+        return 1
+    location = Workspace(root, args.run, remote).step_location(step)
     print(
         json.dumps(
-            {"run": args.run, "step": report.name, "seconds": round(report.seconds, 3)}
-            | {"location": workspace.step_location("predict")}
-            | report.details
+            {"run": args.run, "step": step, "seconds": record["seconds"], "location": location}
+            | record["details"]
         )
     )
     return 0

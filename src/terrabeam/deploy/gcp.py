@@ -4,16 +4,18 @@ The output folder is also the Cloud Build context:
 
     deploy.sh               gcloud commands in order (APIs, account, roles, images, template, service,
                             workflow, schedule); safe to re-run
-    cloudbuild.yaml         builds both images
-    predict.Dockerfile      Dataflow Flex Template launcher + worker image (predict)
-    steps.Dockerfile        Cloud Run image serving export and deliver over HTTP
+    cloudbuild.yaml         builds the images
+    predict.Dockerfile      Dataflow Flex Template launcher + worker image (the map or predict step)
+    steps.Dockerfile        Cloud Run image serving export and deliver over HTTP (Earth Engine only)
     flex/metadata.json      Flex Template parameters;  flex/launcher.py its Python entry point
-    workflow.yaml           Cloud Workflows: export → predict → deliver, polled, retried
+    workflow.yaml           Cloud Workflows: map, or export → predict → deliver; polled, retried
     scheduler.json          the Cloud Scheduler job (schedule.cron), as the API's Job resource
     service-account.txt     the roles of the one service account, and why
     pipeline/               the config as the images see it, and the model
     terrabeam/              terrabeam's source, installed into the images with the pinned versions
 
+A raster source with file outputs is one Beam pipeline (the map step) on Dataflow, so nothing runs
+on Cloud Run; an Earth Engine source or sink keeps export and deliver there (flex_main.template_step).
 Output is written into a temporary folder and renamed into place, so it is complete or absent.
 """
 
@@ -44,6 +46,9 @@ LAUNCHER_BASE = (
 )
 MARKER = ".terrabeam-deploy"
 SOURCE_FILES = ("pyproject.toml", "README.md", "constraints.txt")
+# GDAL's /vsigs/ takes the service account's token from the metadata server only where it knows it
+# runs on Google Cloud; inside a container it cannot tell, so the images say so.
+GDAL_ON_GCE = "CPL_MACHINE_IS_GCE=YES"
 # Cloud Run ends a request after this; a longer export or deliver needs a Cloud Run job instead.
 REQUEST_TIMEOUT_SECONDS = 3600
 
@@ -72,7 +77,6 @@ def _render_into(config: PipelineConfig, target: GcpTarget, folder: Path) -> Non
     files = {
         "pipeline/pipeline.yaml": render_pipeline_config(config, target, f"model/{model_name}"),
         "predict.Dockerfile": render_predict_dockerfile(target),
-        "steps.Dockerfile": render_steps_dockerfile(target),
         "cloudbuild.yaml": render_cloudbuild(target),
         "flex/metadata.json": json.dumps(flex_metadata(target), indent=2) + "\n",
         "flex/launcher.py": LAUNCHER,
@@ -81,6 +85,8 @@ def _render_into(config: PipelineConfig, target: GcpTarget, folder: Path) -> Non
         "deploy.sh": render_deploy_script(target, config),
         MARKER: f"rendered by terrabeam {terrabeam.__version__} from {config.source_path or 'a config'}\n",
     }
+    if target.service_steps:
+        files["steps.Dockerfile"] = render_steps_dockerfile(target)
     if target.cron:
         files["scheduler.json"] = json.dumps(scheduler_job(target), indent=2) + "\n"
     for name, text in files.items():
@@ -146,7 +152,9 @@ def _pip_install(source: str, extras: tuple[str, ...]) -> str:
 
 def render_predict_dockerfile(target: GcpTarget) -> str:
     """One image as Flex Template launcher and as Dataflow worker (sdkContainerImage): Beam's SDK
-    image, with the launcher binary copied in from Google's Python launcher base image."""
+    image, with the launcher binary copied in from Google's Python launcher base image. The workers
+    of the map step read the source bands with GDAL (rasterio's wheel, /vsigs/) and write tiles to
+    the gs:// workspace (Beam's GCS file system, the gcp extra)."""
     import apache_beam
 
     return f"""\
@@ -162,7 +170,8 @@ COPY terrabeam /template/terrabeam
 COPY pipeline /template/pipeline
 COPY flex/launcher.py /template/launcher.py
 ENV FLEX_TEMPLATE_PYTHON_PY_FILE=/template/launcher.py \\
-    {flex_main.CONFIG_ENV}=/template/pipeline/pipeline.yaml
+    {flex_main.CONFIG_ENV}=/template/pipeline/pipeline.yaml \\
+    {GDAL_ON_GCE}
 # Workers start through Beam's boot program; the Flex Template launcher runs launcher.py.
 ENTRYPOINT ["/opt/apache/beam/boot"]
 """
@@ -179,13 +188,20 @@ WORKDIR /app
 COPY terrabeam /app/terrabeam
 {_pip_install("/app/terrabeam", target.steps_extras)}
 COPY pipeline/pipeline.yaml /app/pipeline/pipeline.yaml
-ENV PYTHONUNBUFFERED=1
+ENV PYTHONUNBUFFERED=1 {GDAL_ON_GCE}
 CMD ["python", "-m", "terrabeam.deploy.step_server", "--config", "/app/pipeline/pipeline.yaml", "--host", "0.0.0.0"]
 """
 
 
+def _images(target: GcpTarget) -> dict[str, str]:
+    """Dockerfile stem → image: the Dataflow image, and the Cloud Run one if a step runs there."""
+    images = {"predict": target.predict_image}
+    return images | ({"steps": target.steps_image} if target.service_steps else {})
+
+
 def render_cloudbuild(target: GcpTarget) -> str:
-    """Both images, built side by side."""
+    """The images, built side by side."""
+    images = _images(target)
     document = {
         "steps": [
             {
@@ -194,9 +210,9 @@ def render_cloudbuild(target: GcpTarget) -> str:
                 "args": ["build", "-f", f"{name}.Dockerfile", "-t", image, "."],
                 "waitFor": ["-"],
             }
-            for name, image in (("predict", target.predict_image), ("steps", target.steps_image))
+            for name, image in images.items()
         ],
-        "images": [target.predict_image, target.steps_image],
+        "images": list(images.values()),
         "timeout": "3600s",
     }
     header = f"# Cloud Build: the images of pipeline {target.name!r} (rendered by `terrabeam deploy gcp`).\n"
@@ -211,17 +227,23 @@ def flex_metadata(target: GcpTarget) -> dict[str, Any]:
         if regex:
             parameter["regexes"] = [regex]
         parameters.append(parameter)
+    what = {
+        "map": "raster windows read by the workers, the model, map tiles and the mosaic (VRT, COG, "
+        "quicklook) into <workspace>/<run>/deliver",
+        "predict": "the model over one run's export, prediction shards into <workspace>/<run>/predict",
+    }
     return {
-        "name": f"{target.slug}-predict",
-        "description": f"terrabeam predict step of pipeline {target.name!r}: the model over one run's "
-        "export, prediction shards into <workspace>/<run>/predict.",
+        "name": f"{target.slug}-{target.template_step}",
+        "description": f"terrabeam {target.template_step} step of pipeline {target.name!r}: "
+        f"{what[target.template_step]}.",
         "streaming": False,
         "parameters": parameters,
     }
 
 
 LAUNCHER = '''\
-"""Flex Template entry point (FLEX_TEMPLATE_PYTHON_PY_FILE): terrabeam's predict step for one run."""
+"""Flex Template entry point (FLEX_TEMPLATE_PYTHON_PY_FILE): terrabeam's Dataflow step (map or
+predict) of one run."""
 
 import sys
 
@@ -280,9 +302,10 @@ def _grant_command(scope: str, role: str) -> str:
             f"{member} --role={role}"
         ),
     }
-    if scope == "bucket":
+    if scope in ("bucket", "source_bucket"):
+        array = "BUCKETS" if scope == "bucket" else "SOURCE_BUCKETS"
         return (
-            'for bucket in "${BUCKETS[@]}"; do\n'
+            f'for bucket in "${{{array}[@]}}"; do\n'
             f'  gcloud storage buckets add-iam-policy-binding "gs://$bucket" {member} --role={role} >/dev/null\n'
             "done"
         )
@@ -325,21 +348,42 @@ else
 fi"""
     else:
         schedule = 'step "no schedule: section in the config, so no Cloud Scheduler job"'
+    if target.service_steps:
+        served = " and ".join(target.service_steps)
+        service = f"""\
+step "Cloud Run service $SERVICE ({served})"
+gcloud run deploy "$SERVICE" --image="$STEPS_IMAGE" --region="$REGION" --project="$PROJECT" \\
+  --service-account="$SERVICE_ACCOUNT" --no-allow-unauthenticated --execution-environment=gen2 \\
+  --memory={q(target.memory)} --cpu={target.cpu} --concurrency=4 --timeout={REQUEST_TIMEOUT_SECONDS} \\
+  --min-instances=0 --max-instances=4
+{grants_service}
+STEPS_URL="$(gcloud run services describe "$SERVICE" --region="$REGION" --project="$PROJECT" \\
+  --format='value(status.url)')"
+"""
+        workflow_env = ' \\\n  --set-env-vars="STEPS_URL=$STEPS_URL"'
+    else:
+        service = f'step "no Cloud Run service: the {target.template_step} step runs whole on Dataflow"\n'
+        workflow_env = ""
+    images = " ".join(f"${name.upper()}_IMAGE" for name in _images(target))
     variables = {
         "PROJECT": target.project,
         "REGION": target.region,
         "SERVICE_ACCOUNT": target.service_account,
         "REPOSITORY": target.repository,
         "PREDICT_IMAGE": target.predict_image,
-        "STEPS_IMAGE": target.steps_image,
         "TEMPLATE": target.template_path,
-        "SERVICE": target.service,
         "WORKFLOW": target.workflow,
     }
+    if target.service_steps:
+        variables |= {"STEPS_IMAGE": target.steps_image, "SERVICE": target.service}
     if target.cron:
         variables |= {"SCHEDULER_JOB": target.scheduler_job, "CRON": target.cron, "TIME_ZONE": TIME_ZONE}
     assignments = "\n".join(f"{name}={q(value)}" for name, value in variables.items())
     buckets = " ".join(q(b) for b in target.buckets)
+    source_buckets = ""
+    if target.read_buckets:
+        listed = " ".join(q(b) for b in target.read_buckets)
+        source_buckets = f"# read only (the source bands), never created here\nSOURCE_BUCKETS=({listed})\n"
     return f"""\
 #!/usr/bin/env bash
 # Deploy pipeline {target.name!r} to Google Cloud (rendered by `terrabeam deploy gcp` from
@@ -353,7 +397,7 @@ cd "$(dirname "$0")"
 
 {assignments}
 BUCKETS=({buckets})
-
+{source_buckets}
 step() {{ printf '\\n==> %s\\n' "$*"; }}
 
 step "enabling APIs"
@@ -380,25 +424,17 @@ fi
 step "roles of the service account (see service-account.txt)"
 {grants_now}
 
-step "images (Cloud Build): $PREDICT_IMAGE $STEPS_IMAGE"
+step "images (Cloud Build): {images}"
 gcloud builds submit . --config=cloudbuild.yaml --project="$PROJECT"
 
 step "Dataflow Flex Template $TEMPLATE"
 gcloud dataflow flex-template build "$TEMPLATE" --image="$PREDICT_IMAGE" --sdk-language=PYTHON \\
   --metadata-file=flex/metadata.json --project="$PROJECT"
 
-step "Cloud Run service $SERVICE (export and deliver)"
-gcloud run deploy "$SERVICE" --image="$STEPS_IMAGE" --region="$REGION" --project="$PROJECT" \\
-  --service-account="$SERVICE_ACCOUNT" --no-allow-unauthenticated --execution-environment=gen2 \\
-  --memory={q(target.memory)} --cpu={target.cpu} --concurrency=4 --timeout={REQUEST_TIMEOUT_SECONDS} \\
-  --min-instances=0 --max-instances=4
-{grants_service}
-STEPS_URL="$(gcloud run services describe "$SERVICE" --region="$REGION" --project="$PROJECT" \\
-  --format='value(status.url)')"
-
+{service}
 step "workflow $WORKFLOW"
 gcloud workflows deploy "$WORKFLOW" --source=workflow.yaml --location="$REGION" --project="$PROJECT" \\
-  --service-account="$SERVICE_ACCOUNT" --set-env-vars="STEPS_URL=$STEPS_URL"
+  --service-account="$SERVICE_ACCOUNT"{workflow_env}
 
 {schedule}
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 from terrabeam.deploy.gcp_target import GcpTarget
 
-Scope = Literal["project", "bucket", "repository", "service_account", "service"]
+Scope = Literal["project", "bucket", "source_bucket", "repository", "service_account", "service"]
 
 
 @dataclass(frozen=True)
@@ -18,9 +18,17 @@ class Grant:
     reason: str
 
 
+def runs_as(target: GcpTarget) -> str:
+    """Who runs as the account, for people reading service-account.txt."""
+    services = ["Dataflow launcher and workers", "the workflow"]
+    services += ["Cloud Run"] if target.service_steps else []
+    services += ["Cloud Scheduler"] if target.cron else []
+    return ", ".join(services[:-1]) + " and " + services[-1]
+
+
 def grants(target: GcpTarget) -> list[Grant]:
-    """Roles of ``target.service_account``: Dataflow launcher and workers, the workflow, Cloud Run and
-    Cloud Scheduler all run as it. Nothing broader than the job needs (no Owner, Editor or storage.admin)."""
+    """Roles of ``target.service_account``: everything deployed runs as it (see runs_as). Nothing
+    broader than the job needs (no Owner, Editor or storage.admin)."""
     found = [
         Grant("roles/dataflow.worker", "project", "Dataflow launcher and worker VMs run as the account"),
         Grant(
@@ -34,8 +42,26 @@ def grants(target: GcpTarget) -> list[Grant]:
         ),
         Grant("roles/artifactregistry.reader", "repository", "launcher and workers pull the predict image"),
         Grant("roles/iam.serviceAccountUser", "service_account", "the Dataflow job it launches runs as it"),
-        Grant("roles/run.invoker", "service", "the workflow calls the export and deliver service"),
     ]
+    if target.read_buckets:
+        readers = (
+            "the map step's launcher and workers" if target.template_step == "map" else "the export step"
+        )
+        found.append(
+            Grant(
+                "roles/storage.objectViewer",
+                "source_bucket",
+                f"{readers} read the source bands through GDAL's /vsigs/",
+            )
+        )
+    if target.service_steps:
+        found.append(
+            Grant(
+                "roles/run.invoker",
+                "service",
+                f"the workflow calls the {' and '.join(target.service_steps)} service",
+            )
+        )
     if target.cron:
         found.append(Grant("roles/workflows.invoker", "project", "Cloud Scheduler starts the workflow as it"))
     if target.earth_engine:
@@ -58,11 +84,12 @@ def apis(target: GcpTarget) -> list[str]:
         "compute.googleapis.com",
         "dataflow.googleapis.com",
         "iam.googleapis.com",
-        "run.googleapis.com",
         "storage.googleapis.com",
         "workflowexecutions.googleapis.com",
         "workflows.googleapis.com",
     ]
+    if target.service_steps:
+        found.append("run.googleapis.com")
     if target.cron:
         found.append("cloudscheduler.googleapis.com")
     if target.earth_engine:
@@ -74,7 +101,7 @@ def describe(target: GcpTarget) -> str:
     """A plain-text table of the account's roles, for people reviewing the deployment."""
     lines = [
         f"Service account: {target.service_account}",
-        "(Dataflow launcher and workers, the workflow, Cloud Run and Cloud Scheduler all run as it)",
+        f"({runs_as(target)} run as it)",
         "",
         f"{'role':<42} {'granted on':<16} why",
     ]

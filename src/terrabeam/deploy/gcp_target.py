@@ -7,12 +7,15 @@ import re
 from dataclasses import dataclass
 
 from terrabeam.config import PipelineConfig
+from terrabeam.deploy.flex_main import template_step
 from terrabeam.errors import ConfigError
+from terrabeam.workflow.steps import run_steps
 
 # schedule.cron is UTC for `terrabeam schedule`; Cloud Scheduler keeps the same meaning.
 TIME_ZONE = "Etc/UTC"
 # Paths GDAL reads inside a container: its cloud and HTTP virtual file systems.
 _REMOTE_PATH = re.compile(r"^(/vsi[a-z0-9_]+/|https?://)")
+_GCS_PATH = re.compile(r"^/vsigs(?:_streaming)?/([^/]+)/")
 _FRAMEWORK_EXTRAS = {
     "tensorflow": "tensorflow",
     "torch": "torch",
@@ -62,6 +65,9 @@ class GcpTarget:
     predict_extras: tuple[str, ...]
     steps_extras: tuple[str, ...]
     earth_engine: bool
+    steps: tuple[str, ...]  # the run's steps in order, as `terrabeam run` runs them
+    template_step: str  # the one on Dataflow: map (raster source) or predict (Earth Engine)
+    source_buckets: tuple[str, ...]  # Cloud Storage buckets of the source bands (/vsigs/BUCKET/…)
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> GcpTarget:
@@ -97,6 +103,8 @@ class GcpTarget:
         slug = _slug(config.name)
         earth_engine = uses_earth_engine(config)
         framework = _FRAMEWORK_EXTRAS.get(config.model.framework)
+        bands = config.source.bands.values() if config.source.kind == "raster" else []
+        source_buckets = [m.group(1) for band in bands if (m := _GCS_PATH.match(band.path))]
         return cls(
             name=config.name,
             slug=slug,
@@ -118,6 +126,9 @@ class GcpTarget:
             predict_extras=("gcp", framework) if framework else ("gcp",),
             steps_extras=("gcp", "earthengine") if earth_engine else ("gcp",),
             earth_engine=earth_engine,
+            steps=tuple(run_steps(config)),
+            template_step=template_step(config),
+            source_buckets=tuple(dict.fromkeys(source_buckets)),
         )
 
     @property
@@ -136,7 +147,7 @@ class GcpTarget:
 
     @property
     def template_path(self) -> str:
-        return f"{self.workspace}/.deploy/{self.slug}-predict.json"
+        return f"{self.workspace}/.deploy/{self.slug}-{self.template_step}.json"
 
     @property
     def scheduler_job(self) -> str:
@@ -149,10 +160,20 @@ class GcpTarget:
         return list(dict.fromkeys(found))
 
     @property
+    def service_steps(self) -> tuple[str, ...]:
+        """The steps on Cloud Run (the step server): export and deliver; none for the map step."""
+        return tuple(step for step in self.steps if step != self.template_step)
+
+    @property
+    def read_buckets(self) -> list[str]:
+        """Buckets of the source bands the account only reads (those it writes are in ``buckets``)."""
+        return [b for b in self.source_buckets if b not in self.buckets]
+
+    @property
     def creates_service_account(self) -> bool:
         """A service account of the project itself is created by deploy.sh; any other must exist."""
         return self.service_account.endswith(f"@{self.project}.iam.gserviceaccount.com")
 
     @property
     def job_name_prefix(self) -> str:
-        return f"{self.slug}-predict"
+        return f"{self.slug}-{self.template_step}"

@@ -1,6 +1,7 @@
-"""The Google Cloud Workflows definition of a run: export (Cloud Run) → predict (Dataflow Flex
-Template) → deliver (Cloud Run), each started and then polled until it ends; transient HTTP errors are
-retried with exponential backoff, and a failed step raises its error.
+"""The Google Cloud Workflows definition of a run, the steps `terrabeam run` would run: for a raster
+source with file outputs the map step alone (Dataflow Flex Template); with Earth Engine export
+(Cloud Run) → predict (Dataflow) → deliver (Cloud Run). Each step is started and then polled until it
+ends; transient HTTP errors are retried with exponential backoff, and a failed step raises its error.
 
 Built as data and dumped as YAML, so quoting is never hand-written. The Cloud Run URL is only known
 after the service is deployed: deploy.sh passes it as the workflow environment variable STEPS_URL.
@@ -38,7 +39,10 @@ def _fail(step: str) -> dict[str, Any]:
     return {"raise": {"step": step, "run": "${run}", "error": "${e}"}}
 
 
-def _main(target: GcpTarget, workflow: WorkflowConfig) -> dict[str, Any]:
+def _dataflow_step(target: GcpTarget, workflow: WorkflowConfig, then: str) -> list[dict[str, Any]]:
+    """Launch the Flex Template (the run's step on Dataflow), poll the job until it ends; ``then``
+    is the step after a job that is done."""
+    step = target.template_step
     environment: dict[str, Any] = {
         "serviceAccountEmail": target.service_account,
         "tempLocation": target.temp_location,
@@ -49,24 +53,113 @@ def _main(target: GcpTarget, workflow: WorkflowConfig) -> dict[str, Any]:
         environment["machineType"] = target.machine_type
     if target.max_workers:
         environment["maxWorkers"] = target.max_workers
+    return [
+        {
+            f"launch_{step}": {
+                "try": {
+                    "call": "http.post",
+                    "args": {
+                        "url": '${dataflow_api + "/flexTemplates:launch"}',
+                        "auth": {"type": "OAuth2"},
+                        "body": {
+                            "launchParameter": {
+                                "jobName": "${job_name}",
+                                "containerSpecGcsPath": "${template}",
+                                "parameters": {"workspace": "${workspace}", "run": "${run}"},
+                                "environment": environment,
+                            }
+                        },
+                    },
+                    "result": "launch",
+                },
+                "retry": _retry(workflow),
+                "except": {"as": "e", "steps": [{"launch_failed": _fail(step)}]},
+            }
+        },
+        {
+            f"poll_{step}": {
+                "try": {
+                    "call": "http.get",
+                    "args": {
+                        "url": '${dataflow_api + "/jobs/" + launch.body.job.id}',
+                        "auth": {"type": "OAuth2"},
+                    },
+                    "result": "job",
+                },
+                "retry": _retry(workflow),
+                "except": {"as": "e", "steps": [{"poll_failed": _fail(step)}]},
+            }
+        },
+        {
+            f"check_{step}": {
+                "switch": [
+                    {"condition": '${job.body.currentState == "JOB_STATE_DONE"}', "next": then},
+                    {
+                        "condition": (
+                            '${job.body.currentState == "JOB_STATE_FAILED" or '
+                            'job.body.currentState == "JOB_STATE_CANCELLED" or '
+                            'job.body.currentState == "JOB_STATE_DRAINED"}'
+                        ),
+                        "raise": {
+                            "step": step,
+                            "run": "${run}",
+                            "job": "${launch.body.job.id}",
+                            "error": '${"Dataflow job ended in " + job.body.currentState + "; see its logs"}',
+                        },
+                    },
+                ]
+            }
+        },
+        {
+            f"wait_{step}": {
+                "call": "sys.sleep",
+                "args": {"seconds": POLL_SECONDS},
+                "next": f"poll_{step}",
+            }
+        },
+    ]
+
+
+def _service_step(step: str) -> dict[str, Any]:
+    """A step of the Cloud Run step server, started and polled by the run_step subworkflow."""
+    return {
+        step: {
+            "call": "run_step",
+            "args": {"step": step, "run": "${run}", "url": "${steps_url}"},
+            "result": f"{step}_report",
+        }
+    }
+
+
+def _main(target: GcpTarget, workflow: WorkflowConfig) -> dict[str, Any]:
     dataflow = '${"https://dataflow.googleapis.com/v1b3/projects/" + project + "/locations/" + region}'
+    variables: list[dict[str, Any]] = [
+        {"project": target.project},
+        {"region": target.region},
+        {"workspace": target.workspace},
+        {"template": target.template_path},
+    ]
+    if target.service_steps:
+        variables.append({"steps_url": '${sys.get_env("STEPS_URL")}'})
+    variables += [
+        {"dataflow_api": dataflow},
+        {"input": {}},
+        {"run": '${sys.get_env("GOOGLE_CLOUD_WORKFLOW_EXECUTION_ID")}'},
+    ]
+    run_steps: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"run": "${run}", "workspace": "${workspace}"}
+    for position, step in enumerate(target.steps):
+        if step == target.template_step:
+            then = target.steps[position + 1] if position + 1 < len(target.steps) else "done"
+            run_steps += _dataflow_step(target, workflow, then)
+            result[f"{step}_job"] = "${launch.body.job.id}"
+        else:
+            run_steps.append(_service_step(step))
+            result[step] = f"${{{step}_report}}"
     return {
         "params": ["args"],
         "steps": [
-            {
-                "init": {
-                    "assign": [
-                        {"project": target.project},
-                        {"region": target.region},
-                        {"workspace": target.workspace},
-                        {"template": target.template_path},
-                        {"steps_url": '${sys.get_env("STEPS_URL")}'},
-                        {"dataflow_api": dataflow},
-                        {"input": {}},
-                        {"run": '${sys.get_env("GOOGLE_CLOUD_WORKFLOW_EXECUTION_ID")}'},
-                    ]
-                }
-            },
+            {"init": {"assign": variables}},
             {
                 "read_args": {
                     "switch": [
@@ -99,94 +192,8 @@ def _main(target: GcpTarget, workflow: WorkflowConfig) -> dict[str, Any]:
                     ]
                 }
             },
-            {
-                "export": {
-                    "call": "run_step",
-                    "args": {"step": "export", "run": "${run}", "url": "${steps_url}"},
-                    "result": "export_report",
-                }
-            },
-            {
-                "launch_predict": {
-                    "try": {
-                        "call": "http.post",
-                        "args": {
-                            "url": '${dataflow_api + "/flexTemplates:launch"}',
-                            "auth": {"type": "OAuth2"},
-                            "body": {
-                                "launchParameter": {
-                                    "jobName": "${job_name}",
-                                    "containerSpecGcsPath": "${template}",
-                                    "parameters": {"workspace": "${workspace}", "run": "${run}"},
-                                    "environment": environment,
-                                }
-                            },
-                        },
-                        "result": "launch",
-                    },
-                    "retry": _retry(workflow),
-                    "except": {"as": "e", "steps": [{"launch_failed": _fail("predict")}]},
-                }
-            },
-            {
-                "poll_predict": {
-                    "try": {
-                        "call": "http.get",
-                        "args": {
-                            "url": '${dataflow_api + "/jobs/" + launch.body.job.id}',
-                            "auth": {"type": "OAuth2"},
-                        },
-                        "result": "job",
-                    },
-                    "retry": _retry(workflow),
-                    "except": {"as": "e", "steps": [{"poll_failed": _fail("predict")}]},
-                }
-            },
-            {
-                "check_predict": {
-                    "switch": [
-                        {"condition": '${job.body.currentState == "JOB_STATE_DONE"}', "next": "deliver"},
-                        {
-                            "condition": (
-                                '${job.body.currentState == "JOB_STATE_FAILED" or '
-                                'job.body.currentState == "JOB_STATE_CANCELLED" or '
-                                'job.body.currentState == "JOB_STATE_DRAINED"}'
-                            ),
-                            "raise": {
-                                "step": "predict",
-                                "run": "${run}",
-                                "job": "${launch.body.job.id}",
-                                "error": '${"Dataflow job ended in " + job.body.currentState + "; see its logs"}',
-                            },
-                        },
-                    ]
-                }
-            },
-            {
-                "wait_predict": {
-                    "call": "sys.sleep",
-                    "args": {"seconds": POLL_SECONDS},
-                    "next": "poll_predict",
-                }
-            },
-            {
-                "deliver": {
-                    "call": "run_step",
-                    "args": {"step": "deliver", "run": "${run}", "url": "${steps_url}"},
-                    "result": "deliver_report",
-                }
-            },
-            {
-                "done": {
-                    "return": {
-                        "run": "${run}",
-                        "workspace": "${workspace}",
-                        "export": "${export_report}",
-                        "predict_job": "${launch.body.job.id}",
-                        "deliver": "${deliver_report}",
-                    }
-                }
-            },
+            *run_steps,
+            {"done": {"return": result}},
         ],
     }
 
@@ -304,14 +311,19 @@ def _transient() -> dict[str, Any]:
 
 
 def workflow_definition(target: GcpTarget, workflow: WorkflowConfig) -> dict[str, Any]:
-    """The workflow as data: ``main`` and its subworkflows ``run_step`` and ``transient``."""
-    return {"main": _main(target, workflow), "run_step": _run_step(workflow), "transient": _transient()}
+    """The workflow as data: ``main`` and its subworkflows ``transient`` and, if a step runs on Cloud
+    Run, ``run_step``."""
+    definition = {"main": _main(target, workflow)}
+    if target.service_steps:
+        definition["run_step"] = _run_step(workflow)
+    return definition | {"transient": _transient()}
 
 
 def render_workflow(target: GcpTarget, workflow: WorkflowConfig) -> str:
+    url = " with STEPS_URL set to the Cloud Run URL" if target.service_steps else ""
     header = (
-        f"# Cloud Workflows: one run of pipeline {target.name!r} (export → predict → deliver).\n"
-        "# Rendered by `terrabeam deploy gcp`; deploy.sh deploys it with STEPS_URL set to the Cloud Run URL.\n"
+        f"# Cloud Workflows: one run of pipeline {target.name!r} ({' → '.join(target.steps)}).\n"
+        f"# Rendered by `terrabeam deploy gcp`; deploy.sh deploys it{url}.\n"
         '# Run by hand: gcloud workflows run NAME --data=\'{"run": "RUN_ID"}\' (run id optional).\n'
     )
     return header + yaml.safe_dump(

@@ -15,7 +15,8 @@ remote), so any instance can answer a poll; "done" counts only while the step's 
 ``<run>/.status/<step>.claim-<attempt>``, atomically (storage.create_exclusive); a request that
 cannot runs nothing and answers 202. The next attempt may start once the latest one is recorded done
 or failed, or after STALE_SECONDS. Binds 127.0.0.1 unless told otherwise; in the container it binds
-0.0.0.0 on $PORT, as Cloud Run requires.
+0.0.0.0 on $PORT, as Cloud Run requires. The Flex Template launcher (flex_main) claims and records
+its own step (map or predict) through the same StepService.start, without HTTP.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from terrabeam import storage
 from terrabeam.config import PipelineConfig, load_config
-from terrabeam.deploy.flex_main import RUN_ID_PATTERN
 from terrabeam.errors import TerrabeamError
 from terrabeam.workflow import steps
 from terrabeam.workflow.runner import is_transient
@@ -49,6 +49,8 @@ STEP_FUNCTIONS: dict[str, Callable[[PipelineConfig, Workspace], steps.StepReport
     "export": steps.export_step,
     "deliver": steps.deliver_step,
 }
+# Run ids as the workflow gives them (an execution id, or {"run": ID}); the Flex Template checks the same.
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 _RUN_ID = re.compile(RUN_ID_PATTERN)
 _STATUS_TEXT = {200: "OK", 202: "Accepted", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
 _STATUS_TEXT |= {411: "Length Required", 413: "Content Too Large", 422: "Unprocessable Entity"}
