@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -27,7 +28,8 @@ from typing import Any
 import ee
 
 EE_TEST_FILES = os.path.join(os.path.dirname(ee.__file__), "tests")
-ACCESS_TOKEN = "playback-access-token-not-a-credential"
+# made per test process: the playback hands it out and checks it; nothing real is ever stored
+ACCESS_TOKEN = secrets.token_urlsafe(24)
 
 
 @dataclass
