@@ -319,14 +319,24 @@ def test_baked_config_loads_and_differs_only_in_workspace_and_model_path(rendere
     assert (rendered / "terrabeam" / "src" / "terrabeam" / "deploy" / "flex_main.py").exists()
 
 
-def _launch(launcher: Path, workspace: Path, run: str, config: Path) -> dict:
-    """flex/launcher.py as the Flex Template runs it, on FnApiRunner; its one-line JSON report."""
+def _launch(
+    launcher: Path | None, workspace: Path | str, run: str, config: Path, cache: Path | None = None
+) -> dict:
+    """The Flex Template's entry point as Dataflow starts it, on FnApiRunner: flex/launcher.py, or
+    (``launcher`` None) ``python -m terrabeam.deploy.flex_main`` with its own cache folder; its
+    one-line JSON report."""
+    entry = [str(launcher)] if launcher else ["-m", "terrabeam.deploy.flex_main"]
+    env = (
+        ENV
+        if cache is None
+        else os.environ | {"PYTHONPATH": SRC, "PATH": ENV["PATH"], "TERRABEAM_CACHE": str(cache)}
+    )
     result = subprocess.run(
-        [sys.executable, str(launcher), "--workspace", str(workspace), "--run", run]
+        [sys.executable, *entry, "--workspace", str(workspace), "--run", run]
         + ["--config", str(config), "--runner=FnApiRunner"],
         capture_output=True,
         text=True,
-        env=ENV,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -535,15 +545,7 @@ def test_cloud_chain_meets_only_in_an_object_store_workspace(tiny_pipeline, tmp_
     assert json.loads(status) == exported
 
     launcher_cache = tmp_path / "launcher-cache"
-    result = subprocess.run(
-        [sys.executable, "-m", "terrabeam.deploy.flex_main", "--workspace", workspace, "--run", "r1"]
-        + ["--config", str(config_path), "--runner=FnApiRunner"],
-        capture_output=True,
-        text=True,
-        env=os.environ | {"PYTHONPATH": SRC, "PATH": ENV["PATH"], "TERRABEAM_CACHE": str(launcher_cache)},
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = _launch(None, workspace, "r1", config_path, launcher_cache)
     assert report["location"] == f"{workspace}/r1/predict" and report["patches"] > 0
     mirror = launcher_cache / "workspaces" / "s3" / S3_BUCKET / "ws" / "r1"
     assert (mirror / "export" / "tiny-mixer.json").exists()  # downloaded from the bucket
@@ -575,24 +577,15 @@ def test_map_launcher_publishes_into_an_object_store_workspace(tiny_pipeline, tm
     workspace = f"s3://{S3_BUCKET}/ws"
     config = write(document | {"workspace": workspace})
 
-    def launch(cache: Path) -> dict:
-        result = subprocess.run(
-            [sys.executable, "-m", "terrabeam.deploy.flex_main", "--workspace", workspace, "--run", "r1"]
-            + ["--config", str(config), "--runner=FnApiRunner"],
-            capture_output=True,
-            text=True,
-            env=os.environ | {"PYTHONPATH": SRC, "PATH": ENV["PATH"], "TERRABEAM_CACHE": str(cache)},
-        )
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout.strip().splitlines()[-1])
-
-    report = launch(tmp_path / "launcher-1")
+    report = _launch(None, workspace, "r1", config, tmp_path / "launcher-1")
     assert report["step"] == "map" and report["location"] == f"{workspace}/r1/deliver"
     assert f"{workspace}/r1/deliver/tiny-classes.tif" in report["outputs"]
     assert {"tiny-classes.tif", "tiny-quicklook.png"} <= set(_marked_files(s3, "ws/r1/deliver"))
     status = json.loads(s3.get_object(Bucket=S3_BUCKET, Key="ws/r1/.status/map.json")["Body"].read())
     assert status["status"] == "done" and status["step"] == "map"
-    assert launch(tmp_path / "launcher-2") == report  # the recorded report: done in the bucket
+    assert (
+        _launch(None, workspace, "r1", config, tmp_path / "launcher-2") == report
+    )  # the recorded report: done in the bucket
     assert not (tmp_path / "launcher-2" / "workspaces" / "s3" / S3_BUCKET / "ws" / "r1" / "deliver").exists()
 
 

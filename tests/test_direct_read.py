@@ -17,7 +17,9 @@ from terrabeam.sources.raster import _BandReader
 RESAMPLINGS = ["nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "average", "mode"]
 
 
-def _readers(tmp_path, data, band_transform, grid_transform, resampling, nodata=None, kernel=(4, 4)):
+def _readers(
+    tmp_path, data, band_transform, grid_transform, resampling, nodata=None, kernel=(4, 4), patches=(5, 20)
+):
     write_raster(tmp_path / "b.tif", data, band_transform, nodata=nodata)
     config = parse_config(
         {
@@ -27,7 +29,7 @@ def _readers(tmp_path, data, band_transform, grid_transform, resampling, nodata=
         },
         tmp_path,
     )
-    grid = Grid("EPSG:32633", grid_transform, 8, 8, 5, 20)
+    grid = Grid("EPSG:32633", grid_transform, 8, 8, *patches)  # 8 × 8 px patches: per row, total
     reader = _BandReader(config, "b", grid, kernel)
     return reader, grid
 
@@ -89,17 +91,8 @@ def test_direct_read_across_the_band_edges(tmp_path, resampling, factor, nodata,
         data[rng.random(data.shape) < 0.05] = nodata
     band = Affine(10, 0, 400000, 0, -10, 5600000)
     grid_transform = Affine(10 * k, 0, 400000 + 10 * 2 * k, 0, -10 * k, 5600000 - 10 * k)
-    write_raster(tmp_path / "b.tif", data, band, nodata=nodata)
-    config = parse_config(
-        {
-            "name": "t",
-            "source": {"bands": {"b": {"path": "b.tif", "scale": 0.5}}, "resampling": resampling},
-            "model": {"path": "m.onnx", "input_bands": ["b"], "classes": ["a", "b"]},
-        },
-        tmp_path,
-    )
-    grid = Grid("EPSG:32633", grid_transform, 8, 8, 7, 42)  # padded: 60 × 52 grid px, past the band
-    reader = _BandReader(config, "b", grid, (4, 4))
+    # padded: 60 × 52 grid px, past the band
+    reader, _ = _readers(tmp_path, data, band, grid_transform, resampling, nodata, patches=(7, 42))
     try:
         direct = reader.direct
         if direct is None:

@@ -181,16 +181,11 @@ class _DirectRead:
         # grid pixels (of the padded grid) that the band covers whole: [x0, x1) × [y0, y1)
         x0, x1 = -(self.col_off // k), (ds.width - self.col_off) // k
         y0, y1 = -(self.row_off // k), (ds.height - self.row_off) // k
-        partial_x = {
-            x
-            for x, whole in ((x0 - 1, self.col_off % k == 0), (x1, (ds.width - self.col_off) % k == 0))
-            if not whole
-        }
-        partial_y = {
-            y
-            for y, whole in ((y0 - 1, self.row_off % k == 0), (y1, (ds.height - self.row_off) % k == 0))
-            if not whole
-        }
+        # a grid pixel the band covers in part (its edge not on a grid pixel edge) needs the warp
+        partial_x = [x for x, cut in ((x0 - 1, self.col_off % k), (x1, (ds.width - self.col_off) % k)) if cut]
+        partial_y = [
+            y for y, cut in ((y0 - 1, self.row_off % k), (y1, (ds.height - self.row_off) % k)) if cut
+        ]
         if any(gx <= x < gx + width for x in partial_x) or any(gy <= y < gy + height for y in partial_y):
             return None
         values = np.zeros((height, width), np.float32)

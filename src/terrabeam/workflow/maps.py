@@ -232,7 +232,5 @@ def _mosaic(config: PipelineConfig, work: Path, tiling: Tiling, layers: list[Map
             path = work / f"{stem}-quicklook.png"
             colors = class_colors(classes, outputs.colors)
             jobs.append(pool.submit(write_quicklook, class_map, path, classes, colors))
-        for job in jobs:  # the first error is raised once all have ended
-            job.exception()
-        written.extend(job.result() for job in jobs)
+    written.extend(job.result() for job in jobs)  # all have ended; the first error is raised
     return written
