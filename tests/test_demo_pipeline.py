@@ -101,6 +101,8 @@ def test_tiles_and_vrt_give_the_single_cog(demo_run):
             rasterio.open(deliver / f"sentinel2-cloudmask-{layer}.tif") as cog,
         ):
             assert tile.transform == cog.transform * rasterio.Affine.translation(384, 0)
+            # the single COG carries the overviews; its tiles, assembled into it, need none
+            assert tile.overviews(1) == [] and cog.overviews(1) == [2]
             np.testing.assert_array_equal(tile.read(), cog.read(window=((0, 384), (384, 768))))
 
 

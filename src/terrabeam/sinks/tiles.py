@@ -73,15 +73,19 @@ def records_file_name(stem: str, tiling: Tiling, tile: int) -> str:
     return f"{stem}-records-{tiling.name(tile)}.tfrecord"
 
 
-def cog_options(layer: MapLayer, compression: str, level: int | None) -> dict[str, str]:
-    """GDAL COG driver options: the codec, 512 px blocks, overviews resampled as the layer needs,
-    compression on every core."""
+def cog_options(
+    layer: MapLayer, compression: str, level: int | None, overviews: bool = True
+) -> dict[str, str]:
+    """GDAL COG driver options: the codec, 512 px blocks, overviews resampled as the layer needs
+    (or none), compression on every core."""
     options = {
         "COMPRESS": compression.upper(),
         "BLOCKSIZE": "512",
         "OVERVIEW_RESAMPLING": layer.resampling.upper(),
         "NUM_THREADS": "ALL_CPUS",
     }
+    if not overviews:
+        options["OVERVIEWS"] = "NONE"
     if level is None and compression == "zstd":
         level = 1
     if level is not None and compression in ("zstd", "deflate"):
@@ -190,7 +194,7 @@ class _TileFile:
             for layer in sink.layers:
                 name = tile_file_name(sink.stem, layer, sink.tiling, self.tile)
                 partial = self.scratch / f"{name}.partial"
-                options = cog_options(layer, sink.compression, sink.compression_level)
+                options = cog_options(layer, sink.compression, sink.compression_level, sink.overviews)
                 rasterio.shutil.copy(self.scratch / f"{layer.stem}.tif", partial, driver="COG", **options)
                 sink.publish_file(partial, name)
         finally:
@@ -213,6 +217,8 @@ class WriteMapTiles(beam.DoFn):
     A complete tile is encoded and published behind, in a background thread (GDAL releases the
     GIL), while the next tile's patches go through the model; at most ``WRITE_BEHIND`` tiles wait,
     and the bundle ends only when all are published (an error in one fails the bundle).
+    Without ``overviews`` the tiles are COGs of full resolution only: for a map whose single COG,
+    assembled from the tiles, carries the overviews (they cost about 2/3 of a tile's encoding).
     """
 
     WRITE_BEHIND = 1
@@ -227,8 +233,10 @@ class WriteMapTiles(beam.DoFn):
         compression: tuple[str, int | None],
         grouped: bool = False,
         with_records: bool = False,
+        overviews: bool = True,
     ) -> None:
         self.out_dir = out_dir
+        self.overviews = overviews
         self.with_records = with_records
         self.compression, self.compression_level = compression
         self.stem = stem
@@ -336,10 +344,11 @@ class WriteMap(beam.PTransform):
         compression: tuple[str, int | None],
         group_by_tile: bool,
         with_records: bool = False,
+        overviews: bool = True,
     ) -> None:
         super().__init__()
         self.sink = WriteMapTiles(
-            out_dir, stem, layers, tiling, polygon, compression, group_by_tile, with_records
+            out_dir, stem, layers, tiling, polygon, compression, group_by_tile, with_records, overviews
         )
         self.group_by_tile = group_by_tile
 

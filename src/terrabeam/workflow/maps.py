@@ -121,7 +121,15 @@ def write_map(
         polygon = projected_geometry(config, tiling.grid.crs)
         compression = (config.outputs.compression, config.outputs.compression_level)
         _ = predictions | "WriteMap" >> WriteMap(
-            target, stem, layers, tiling, polygon, compression, group_by_tile and spread, with_records
+            target,
+            stem,
+            layers,
+            tiling,
+            polygon,
+            compression,
+            group_by_tile and spread,
+            with_records,
+            overviews=tile_overviews(config, tiling),
         )
         pattern = re.compile(rf"^{re.escape(stem)}-{re.escape(layers[-1].stem)}-r\d+c\d+\.tif$")
 
@@ -205,13 +213,24 @@ def _fetch_tiles(remote: str, tiles_dir: Path, stem: str, layers: list[MapLayer]
                 copy_file(f"{remote}/{name}", str(tiles_dir / name))
 
 
+def single_file(config: PipelineConfig, tiling: Tiling) -> bool:
+    """Whether the mosaic includes one COG per layer (outputs.single_file_max_pixels)."""
+    return tiling.region_width * tiling.region_height <= config.outputs.single_file_max_pixels
+
+
+def tile_overviews(config: PipelineConfig, tiling: Tiling) -> bool:
+    """Tiles carry overviews unless a single COG assembled from several of them carries them (a
+    single tile is that COG itself)."""
+    return tiling.count == 1 or not single_file(config, tiling)
+
+
 def _mosaic(config: PipelineConfig, work: Path, tiling: Tiling, layers: list[MapLayer]) -> list[Path]:
     """VRT per layer, one COG per layer if the region is small enough, the quicklook; the COGs and
     the quicklook are made side by side in threads (GDAL releases the GIL; on 2 cores ~1.4× faster
     than one after another, BENCHMARKS.md)."""
     outputs = config.outputs
     stem = config.name
-    single = tiling.region_width * tiling.region_height <= outputs.single_file_max_pixels
+    single = single_file(config, tiling)
     compression = (outputs.compression, outputs.compression_level)
     written: list[Path] = []
     jobs = []
