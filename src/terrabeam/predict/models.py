@@ -3,7 +3,8 @@
 A batch is a list of normalised patches (C, H, W) with NaN where the input is masked. Per-patch
 models see the whole batch at once in their layout; per-pixel models see every unmasked core pixel
 of the batch in one (pixels, bands) call, never one pixel per call. Either way each patch comes
-back as (outputs, H, W) with NaN where masked.
+back as (outputs, H, W) with NaN where masked. A patch whose core is wholly masked never reaches
+the model: it comes back all NaN, and the handler counts it (``patches_skipped``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from terrabeam import NAMESPACE
 from terrabeam.config import ModelConfig
 from terrabeam.errors import ModelError
 from terrabeam.predict.frameworks import Predictor, load_predictor
+
+
+def empty_cores(batch: np.ndarray, margin: tuple[int, int]) -> np.ndarray:
+    """(N, C, H, W) with NaN where masked → (N,) bool: True where every pixel of the patch's core
+    (the patch less ``margin`` = (mx, my) on each side) is masked, NaN in any band."""
+    mx, my = margin
+    core = batch[:, :, my : batch.shape[2] - my, mx : batch.shape[3] - mx]
+    return np.isnan(core).any(axis=1).all(axis=(1, 2))
 
 
 def run_model(
@@ -25,7 +36,9 @@ def run_model(
 ) -> np.ndarray:
     """(N, C, H, W) normalised input with NaN where masked → (N, outputs, h, w), NaN where masked.
 
-    Per-pixel models only see the core (the margin is cut first: they need no context).
+    Per-pixel models only see the core (the margin is cut first: they need no context). Per-patch
+    models see only the patches whose core has an unmasked pixel (see ``empty_cores``); the others
+    come back all NaN, and a batch of only such patches makes no call.
     """
     if model.kind == "per_pixel":
         mx, my = margin
@@ -44,17 +57,24 @@ def run_model(
     # One pass over the batch in the common case (every value finite); masked patches take the
     # slower path that zeroes NaN (and clips ±inf) like np.nan_to_num.
     if np.isfinite(batch).all():
-        masked, inputs = None, batch
+        masked, seen, inputs = None, None, batch
     else:
         masked = np.isnan(batch).any(axis=1)
-        inputs = np.nan_to_num(batch, nan=0.0)
+        seen = ~empty_cores(batch, margin)
+        if not seen.any():
+            return np.full((len(batch), len(model.output_names), *batch.shape[2:]), np.nan, np.float32)
+        inputs = np.nan_to_num(batch if seen.all() else batch[seen], nan=0.0)
     if model.layout == "NHWC":
         inputs = np.ascontiguousarray(inputs.transpose(0, 2, 3, 1))
     output = np.asarray(predictor(inputs), dtype=np.float32)
     if model.layout == "NHWC" and output.ndim == 4:
         output = output.transpose(0, 3, 1, 2)
-    if masked is not None and masked.any():
-        output = output.copy()
+    if masked is not None and masked.any():  # a patch not seen has a masked core
+        if seen.all():
+            output = output.copy()
+        else:
+            output, seen_output = np.full((len(batch), *output.shape[1:]), np.nan, np.float32), output
+            output[seen] = seen_output
         output[np.broadcast_to(masked[:, None], output.shape)] = np.nan
     return output
 
@@ -77,6 +97,7 @@ class PatchModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
         self._model = model
         self._path = model_path
         self._margin = margin
+        self._skipped = Metrics.counter(NAMESPACE, "patches_skipped")
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
         """Bytes of a batch, for Beam's metrics: the arrays' sizes (Beam's default pickles the whole
@@ -102,7 +123,9 @@ class PatchModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
     def run_inference(
         self, batch: Sequence[np.ndarray], model: Predictor, inference_args: dict[str, Any] | None = None
     ) -> list[PredictionResult]:
-        outputs = run_model(model, np.stack(batch), self._model, self._margin)
+        stacked = np.stack(batch)
+        self._skipped.inc(int(empty_cores(stacked, self._margin).sum()))
+        outputs = run_model(model, stacked, self._model, self._margin)
         return [PredictionResult(patch, output) for patch, output in zip(batch, outputs, strict=True)]
 
     def batch_elements_kwargs(self) -> dict[str, int]:
