@@ -59,6 +59,7 @@ def test_outputs_and_summary(demo_run):
         for col in (0, 1)
     ]
     assert summary["patches"] == 8 and summary["pixels"] == 768 * 384
+    assert summary["patches_skipped"] == summary["steps"]["map"]["patches_skipped"] == 0  # full swath
     assert set(summary["seconds"]) == {"validate", "map", "total"}  # one pipeline: rasters → model → tiles
     assert summary["steps"]["map"]["tiles"] == 2
     assert summary["mpx_per_second"] > 0

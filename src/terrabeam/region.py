@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.features import bounds, geometry_mask
 from rasterio.warp import transform_geom
 
 from terrabeam.config import Align, PipelineConfig
 from terrabeam.errors import InputError
+from terrabeam.grid import Grid
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,41 @@ def projected_geometry(config: PipelineConfig, crs: str) -> dict[str, Any] | Non
     """The configured GeoJSON geometry in ``crs`` (None for a bbox region or none)."""
     geometry = region_geometry(config)
     return None if geometry is None else transform_geom("EPSG:4326", crs, geometry)
+
+
+@dataclass(frozen=True)
+class TrueRegion:
+    """The region on its patch grid: ``width`` × ``height`` pixels from the grid's origin (the grid
+    is padded to whole patches beyond them) and, if configured, its polygon in the grid's CRS (a
+    pixel is in it when its centre is, as the map writer masks)."""
+
+    grid: Grid
+    width: int
+    height: int
+    polygon: dict[str, Any] | None = None
+    polygon_bounds: tuple[float, float, float, float] | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "polygon_bounds", bounds(self.polygon) if self.polygon else None)
+
+    def core_outside(self, index: int) -> bool:
+        """Whether no pixel of patch ``index``'s core lies in the region: the core is beyond its
+        width or height, or no core pixel's centre is in the polygon. Rasterizes the polygon only
+        for cores that meet its bounding box."""
+        window = self.grid.patch_window(index)
+        rows = min(window.height, self.height - window.row_off)
+        cols = min(window.width, self.width - window.col_off)
+        if rows <= 0 or cols <= 0:
+            return True
+        if self.polygon is None:
+            return False
+        corners = [self.grid.xy(window.col_off + c, window.row_off + r) for c in (0, cols) for r in (0, rows)]
+        xs, ys = [x for x, _ in corners], [y for _, y in corners]
+        left, bottom, right, top = self.polygon_bounds
+        if min(xs) >= right or max(xs) <= left or min(ys) >= top or max(ys) <= bottom:
+            return True
+        transform = self.grid.window_transform(window)
+        return bool(geometry_mask([self.polygon], out_shape=(rows, cols), transform=transform).all())
 
 
 def region_bounds(config: PipelineConfig, crs: CRS) -> tuple[float, float, float, float] | None:

@@ -20,6 +20,7 @@ from apache_beam.ml.inference.base import PredictionResult
 from terrabeam import NAMESPACE
 from terrabeam.errors import InputError, RecordCountError
 from terrabeam.grid import PatchKey
+from terrabeam.region import TrueRegion
 from terrabeam.tfrecord import RecordWriter, decode_example, encode_example, read_records
 
 Patch = dict[str, np.ndarray]  # band name → (H, W) values (a source's element, with its PatchKey)
@@ -81,13 +82,18 @@ class DecodeRecord(beam.DoFn):
 
 class PreparePatch(beam.DoFn):
     """{band: values} → (C, H, W) float32 model input: bands in model order, normalised, NaN where
-    masked (the model's nodata value, or NaN, in any band)."""
+    masked (the model's nodata value, or NaN, in any band).
+
+    With ``region``, a patch whose core lies wholly outside it is all NaN, so the model skips it; a
+    patch partly inside is kept whole (its margin is context for the pixels inside).
+    """
 
     def __init__(
         self,
         bands: Sequence[str],
         normalization: tuple[Sequence[float], Sequence[float]] | None,
         nodata: float | None,
+        region: TrueRegion | None = None,
     ) -> None:
         self.bands = list(bands)
         self.multiply = self.add = None
@@ -95,9 +101,14 @@ class PreparePatch(beam.DoFn):
             self.multiply = np.asarray(normalization[0], np.float32)[:, None, None]
             self.add = np.asarray(normalization[1], np.float32)[:, None, None]
         self.nodata = nodata
+        self.region = region
 
     def process(self, element: tuple[PatchKey, Patch]) -> Iterator[tuple[PatchKey, np.ndarray]]:
         key, features = element
+        if self.region is not None and self.region.core_outside(key.index):
+            shape = np.shape(features[self.bands[0]])
+            yield key, np.full((len(self.bands), *shape), np.nan, np.float32)
+            return
         patch = np.stack([features[band] for band in self.bands]).astype(np.float32, copy=False)
         masked = (patch == self.nodata).any(axis=0) if self.nodata is not None else None
         if self.multiply is not None:

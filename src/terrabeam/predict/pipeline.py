@@ -29,6 +29,7 @@ from terrabeam.predict.io import (
     WritePredictionShards,
 )
 from terrabeam.predict.models import PatchModelHandler, forget_probed, probe_model
+from terrabeam.region import TrueRegion, projected_geometry
 from terrabeam.tfrecord import count_records
 
 
@@ -52,21 +53,38 @@ def pipeline_flags(config: PipelineConfig, extra: Sequence[str] = ()) -> list[st
 
 class PredictPatches(beam.PTransform):
     """(PatchKey, {band: (H, W)}) → (PatchKey, prediction bands at core size): the model's input
-    prepared, Beam's RunInference with terrabeam's handler, and the output post-processed."""
+    prepared, Beam's RunInference with terrabeam's handler, and the output post-processed.
 
-    def __init__(self, config: PipelineConfig, model_path: str, grid: Grid, margin: tuple[int, int]) -> None:
+    ``region`` is the true region's (width, height) in pixels; a patch whose core lies wholly
+    outside it or outside ``grid.region``'s polygon skips the model, as does one whose core is
+    wholly masked (both counted as ``patches_skipped``). Without ``region`` (the patches' keys do
+    not hold their grid index) only masked cores are skipped.
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        model_path: str,
+        grid: Grid,
+        margin: tuple[int, int],
+        region: tuple[int, int] | None,
+    ) -> None:
         super().__init__()
         self.config, self.model_path, self.grid, self.margin = config, model_path, grid, margin
+        self.region = region
 
     def expand(self, patches: beam.PCollection) -> beam.PCollection:
         model = self.config.model
         norm = model.normalization
         handler = KeyedModelHandler(PatchModelHandler(model, self.model_path, self.margin))
         core = (self.grid.patch_height, self.grid.patch_width)
+        region = None
+        if self.region is not None:
+            region = TrueRegion(self.grid, *self.region, projected_geometry(self.config, self.grid.crs))
+        prepare = PreparePatch(model.input_bands, norm.factors() if norm else None, model.nodata, region)
         return (
             patches
-            | "PreparePatch"
-            >> beam.ParDo(PreparePatch(model.input_bands, norm.factors() if norm else None, model.nodata))
+            | "PreparePatch" >> beam.ParDo(prepare)
             | "RunInference" >> RunInference(handler)
             | "PostProcess" >> beam.ParDo(PostProcess(model.output_names, core, model.output))
         )
@@ -79,6 +97,7 @@ class PredictResult:
     shards: list[Path]
     records: int
     reused_shards: int = 0
+    patches_skipped: int = 0  # by this run's pipeline: cores wholly masked or outside the region
 
 
 def read_export(config: PipelineConfig, export_dir: Path) -> tuple[Grid, ExportManifest, list[Path]]:
@@ -150,7 +169,9 @@ def run_predict(
     sources = [f"{remote.export}/{p.name}" for p in shards] if remote else [str(p) for p in shards]
     target = remote.work if remote else str(out_dir)
     records = pipeline | "Shards" >> beam.Create([(i, sources[i]) for i in todo])
-    records = records | "ReadKeyedRecords" >> beam.ParDo(ReadKeyedRecords())
+    # with the shards' counts a record's key holds its grid index, so the region test can place it
+    offsets = [sum(expected[:i]) for i in range(len(shards))] if expected else None
+    records = records | "ReadKeyedRecords" >> beam.ParDo(ReadKeyedRecords(offsets))
     reshuffle = config.predict.should_reshuffle(flags)
     if reshuffle:
         records = records | "Reshuffle" >> beam.Reshuffle()
@@ -158,13 +179,20 @@ def run_predict(
         records
         | "DecodeRecord"
         >> beam.ParDo(DecodeRecord([str(p) for p in shards], config.model.input_bands, shape))
-        | "Predict" >> PredictPatches(config, model_path, grid, margin)
+        | "Predict"
+        >> PredictPatches(
+            config,
+            model_path,
+            grid,
+            margin,
+            (manifest.region_width, manifest.region_height) if expected else None,
+        )
         # reshuffled: a shard's records are spread over workers, bring them together; otherwise each
         # shard stays in one bundle, in order, and streams out with flat memory
         | "WritePredictionShards"
         >> WritePredictionShards(target, names, config.predict.compression_level, expected, reshuffle)
     )
-    read = written = 0
+    read = written = skipped = 0
     if todo:
         try:
             result = pipeline.run()
@@ -174,6 +202,7 @@ def run_predict(
         counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
         totals = {c.key.metric.name: c.committed or c.attempted for c in counters}
         read, written = totals.get("records_read", 0), totals.get("records_written", 0)
+        skipped = totals.get("patches_skipped", 0)
         if remote is not None:
             from terrabeam.storage import copy_file
 
@@ -196,7 +225,7 @@ def run_predict(
         bands=prediction_bands(config),
         shard_records=counts,
     ).write(manifest_path(out_dir, config.predict.prefix))
-    return PredictResult(grid, manifest, out_shards, written + kept, len(finished))
+    return PredictResult(grid, manifest, out_shards, written + kept, len(finished), skipped)
 
 
 def finished_shards(out_dir: Path, names: list[str], expected: list[int] | None) -> set[int]:

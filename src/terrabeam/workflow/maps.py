@@ -55,11 +55,13 @@ class MapResult:
     tiles_reused: int
     outputs: list[Path]
     seconds: float
+    patches_skipped: int = 0  # by this run's pipeline: cores wholly masked or outside the region
 
     def details(self, location: str) -> dict[str, Any]:
         grid = self.tiling.grid
         return {
             "patches": grid.total_patches,
+            "patches_skipped": self.patches_skipped,
             "tiles": self.tiling.count,
             "tiles_reused": self.tiles_reused,
             "region_pixels": [self.tiling.region_width, self.tiling.region_height],
@@ -114,6 +116,7 @@ def write_map(
     names += [p.name for p in tiles_dir.iterdir()]
     done = finished_tiles(names, stem, layers, tiling, with_records)
     todo = [tile for tile in range(tiling.count) if tile not in done]
+    skipped = 0
     if todo:
         pipeline = beam_local.pipeline(PipelineOptions(flags))
         predictions = source(pipeline, todo, spread)
@@ -145,7 +148,10 @@ def write_map(
             finally:
                 forget_probed()  # the probe's model, if the pipeline ran elsewhere
         counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
-        written = sum(c.committed or c.attempted for c in counters if c.key.metric.name == "tiles_written")
+        written, skipped = (
+            sum(c.committed or c.attempted for c in counters if c.key.metric.name == name)
+            for name in ("tiles_written", "patches_skipped")
+        )
         if written != len(todo):
             raise RecordCountError(f"map: {len(todo)} tiles to write, but the pipeline wrote {written}")
     if remote_tiles:
@@ -155,7 +161,7 @@ def write_map(
         outputs += _assemble_shards(config, work, tiling, bands, flags, remote_tiles)
     (work / ".source").unlink()
     workspace.publish(work, "deliver")
-    return MapResult(tiling, layers, len(done), outputs, time.perf_counter() - start)
+    return MapResult(tiling, layers, len(done), outputs, time.perf_counter() - start, skipped)
 
 
 def _assemble_shards(

@@ -113,6 +113,7 @@ def predict_step(
             "patches": result.records,
             "shards": len(result.shards),
             "shards_reused": result.reused_shards,
+            "patches_skipped": result.patches_skipped,
             "core_pixels": pixels,
             "patches_per_second": round(result.records / seconds, 3),
             "mpx_per_second": round(pixels / seconds / 1e6, 4),
@@ -201,7 +202,8 @@ def map_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[s
         return (
             pipeline
             | "ReadRasterPatches" >> ReadRasterPatches(config, grid, tiling, tiles, spread)
-            | "Predict" >> PredictPatches(config, model_path, grid, (kw // 2, kh // 2))
+            | "Predict"
+            >> PredictPatches(config, model_path, grid, (kw // 2, kh // 2), (region.width, region.height))
         )
 
     with gdal_env(), disk_full_as_error(workspace.run_dir):
@@ -364,9 +366,9 @@ def validate(config: PipelineConfig) -> None:
 def write_summary(
     config: PipelineConfig, workspace: Workspace, reports: list[StepReport], validate_seconds: float = 0.0
 ) -> Path:
-    """``<run>/summary.json``: patches, pixels, seconds per step (and of the checks before them:
-    the model probe loads the model the in-process pipeline then uses), Mpx/s and outputs (written
-    atomically)."""
+    """``<run>/summary.json``: patches (and those that skipped the model: no core pixel to predict),
+    pixels, seconds per step (and of the checks before them: the model probe loads the model the
+    in-process pipeline then uses), Mpx/s and outputs (written atomically)."""
     by_name = {r.name: r for r in reports}
     total = validate_seconds + sum(r.seconds for r in reports)
     planned = by_name.get("map") or by_name.get("export")  # the steps that know the region
@@ -378,6 +380,7 @@ def write_summary(
         "run": workspace.run_id,
         "config_hash": config.fingerprint(),
         "patches": counted.details["patches"] if counted else None,
+        "patches_skipped": counted.details.get("patches_skipped") if counted else None,
         "region_pixels": region,
         "pixels": region[0] * region[1] if region else None,
         "seconds": {"validate": round(validate_seconds, 3)}
