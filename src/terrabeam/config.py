@@ -297,6 +297,15 @@ class Normalization(_Strict):
 
 
 Framework = Literal["onnx", "tensorflow", "torch", "sklearn", "lightgbm"]
+Engine = Literal["auto", "onnxruntime", "openvino", "tensorflow", "torch", "sklearn", "lightgbm"]
+# The engines that run each framework's files (the first is the framework's own).
+ENGINES: dict[str, tuple[str, ...]] = {
+    "onnx": ("onnxruntime", "openvino"),
+    "tensorflow": ("tensorflow",),
+    "torch": ("torch",),
+    "sklearn": ("sklearn",),
+    "lightgbm": ("lightgbm",),
+}
 
 
 class ModelConfig(_Strict):
@@ -331,7 +340,35 @@ class ModelConfig(_Strict):
         description="value for masked pixels in the regression GeoTIFF (default NaN; required for integers)",
     )
     batch_size: int = Field(4, ge=1, description="patches per model call")
-    threads: int = Field(0, ge=0, description="intra-op threads per worker (0: the framework's default)")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="intra-op threads per model copy (0: this machine's cores / local workers; on "
+        "remote runners the framework's default)",
+    )
+    engine: Engine = Field(
+        "auto",
+        description="what runs the model: auto (the fastest available at model.precision, see "
+        "README), onnxruntime or openvino for ONNX files, else the framework itself",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="fp32: the model's own results; bf16: CPUs with AMX/AVX512-BF16 (OpenVINO) or "
+        "GPUs; fp16: GPUs. `terrabeam compare-precision` measures what a reduced one costs",
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (a CUDA GPU when the engine sees one, else the CPU), cpu, cuda or cuda:N",
+    )
+    share_across_processes: bool = Field(
+        False,
+        description="one model copy per machine shared by the worker processes (Beam RunInference's "
+        "large_model): for models that fill a GPU or the memory",
+    )
+    copies: int | None = Field(
+        None, ge=1, description="with share_across_processes: model copies per machine (Beam's model_copies)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -350,6 +387,13 @@ class ModelConfig(_Strict):
             )
         if self.output != "regression" and not self.classes:
             raise ValueError(f"output: {self.output} needs classes (names in the model's output order)")
+        if self.engine != "auto" and self.engine not in ENGINES[self.framework]:
+            raise ValueError(
+                f"engine {self.engine} does not run {self.framework} models; "
+                f"choose auto or {' / '.join(ENGINES[self.framework])}"
+            )
+        if self.copies is not None and not self.share_across_processes:
+            raise ValueError("copies needs share_across_processes: true (Beam's model_copies)")
         return self
 
     @property
