@@ -157,3 +157,25 @@ def test_openvino_agrees_with_onnxruntime_on_the_real_unet(demo_data):
         bf16 = results["openvino", "bf16"]
         assert (bf16.argmax(axis=1) == reference).mean() >= 0.99
         assert not np.array_equal(bf16, results["openvino", "fp32"])  # bf16 really ran
+
+
+def test_compare_precision_on_the_demo_patches(demo_data, capsys):
+    """`terrabeam compare-precision` on real patches of the demo scene: one JSON document with the
+    agreement and speed ratio of OpenVINO bf16 against ONNX Runtime fp32; fp16 on a CPU is refused."""
+    pytest.importorskip("openvino")
+    import json
+
+    from conftest import DEMO_CONFIG
+
+    from terrabeam.cli import main
+
+    assert main(["compare-precision", str(DEMO_CONFIG), "--precision", "fp16"]) == 1
+    assert "fp16 is for GPUs" in capsys.readouterr().err
+    if not engines.cpu_supports_bf16():
+        pytest.skip("this CPU has no bf16 units")
+    assert main(["compare-precision", str(DEMO_CONFIG), "--patches", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["candidate"] == "openvino bf16 on cpu" and report["reference"] == "onnxruntime fp32 on cpu"
+    assert report["patches"] == 4
+    assert 0.99 <= report["agreement"] < 1.0  # bf16 really ran, and changed only a few pixels
+    assert 0 < report["max_abs_difference"] < 1 and report["speed_ratio"] > 0
