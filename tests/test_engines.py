@@ -179,3 +179,22 @@ def test_compare_precision_on_the_demo_patches(demo_data, capsys):
     assert report["patches"] == 4
     assert 0.99 <= report["agreement"] < 1.0  # bf16 really ran, and changed only a few pixels
     assert 0 < report["max_abs_difference"] < 1 and report["speed_ratio"] > 0
+
+
+def test_dataflow_gpu_workers_are_asked_for_in_the_job_options():
+    """runner.gpu_type / gpu_count / nvidia_mps → Dataflow's worker_accelerator service option (the
+    Flex launcher submits the job with these flags too)."""
+    from terrabeam.config import RunnerConfig
+
+    base = {"kind": "dataflow", "project": "p", "region": "us-central1", "temp_location": "gs://b/t"}
+    flags = RunnerConfig(
+        **base, machine_type="g2-standard-8", gpu_type="nvidia-l4", nvidia_mps=True
+    ).beam_flags()
+    assert "--machine_type=g2-standard-8" in flags
+    assert (
+        "--dataflow_service_options=worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver;use_nvidia_mps"
+        in flags
+    )
+    assert not any("worker_accelerator" in f for f in RunnerConfig(**base).beam_flags())
+    with pytest.raises(ValueError, match="nvidia_mps needs gpu_type and gpu_count 1"):
+        RunnerConfig(**base, gpu_type="nvidia-l4", gpu_count=2, nvidia_mps=True)

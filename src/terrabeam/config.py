@@ -427,6 +427,13 @@ class RunnerConfig(_Strict):
         None, description="dataflow/portable: worker image with terrabeam installed"
     )
     service_account: str | None = Field(None, description="dataflow: worker service account email")
+    gpu_type: str | None = Field(
+        None, description="dataflow: a GPU per worker of this type, e.g. nvidia-l4 (worker_accelerator)"
+    )
+    gpu_count: int = Field(1, ge=1, description="dataflow: GPUs per worker (with gpu_type)")
+    nvidia_mps: bool = Field(
+        False, description="dataflow: NVIDIA MPS, the worker's SDK processes share its one GPU"
+    )
     # portable
     job_endpoint: str | None = Field(None, description="portable: job service host:port")
     environment_type: Literal["DOCKER", "PROCESS", "EXTERNAL", "LOOPBACK"] | None = Field(
@@ -446,6 +453,10 @@ class RunnerConfig(_Strict):
         missing = [name for name in required if getattr(self, name) is None]
         if missing:
             raise ValueError(f"runner kind {self.kind!r} needs {', '.join(missing)}")
+        if self.nvidia_mps and (not self.gpu_type or self.gpu_count != 1):
+            raise ValueError(
+                "runner.nvidia_mps needs gpu_type and gpu_count 1 (MPS shares one GPU per worker)"
+            )
         return self
 
     def beam_flags(self) -> list[str]:
@@ -469,6 +480,13 @@ class RunnerConfig(_Strict):
                 "service_account_email": self.service_account,
             }
             flags += [f"--{k}={v}" for k, v in named.items() if v is not None]
+            if self.gpu_type:
+                accelerator = (
+                    f"worker_accelerator=type:{self.gpu_type};count:{self.gpu_count};install-nvidia-driver"
+                )
+                flags.append(
+                    f"--dataflow_service_options={accelerator}{';use_nvidia_mps' if self.nvidia_mps else ''}"
+                )
         else:
             flags = ["--runner=PortableRunner", f"--job_endpoint={self.job_endpoint}"]
             named = {
