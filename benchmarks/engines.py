@@ -4,6 +4,9 @@ batch; Mpx/s from each run's summary, the ratio to ONNX Runtime fp32 and the sha
 given the same class as ONNX Runtime fp32.
 
     python -m benchmarks.engines [SCALE] [WORKDIR]
+
+First the model alone (the demo's U-Net, batch 4 of seeded random-normal patches, 2 threads,
+after a warm-up call), then the whole runs.
 """
 
 from __future__ import annotations
@@ -66,6 +69,37 @@ def engine_rows(scale: int, work: Path) -> list[dict]:
     return rows
 
 
+def model_alone(calls: int = 5) -> str:
+    """Patches/s of the U-Net alone on each engine, the ratio to ONNX Runtime fp32, class agreement."""
+    import time
+
+    from benchmarks.scenes import DEMO_CONFIG
+    from terrabeam.config import load_config
+    from terrabeam.predict.engines import Runtime
+    from terrabeam.predict.frameworks import load_predictor
+
+    config = load_config(DEMO_CONFIG)
+    path = str(config.locate(config.model.path))
+    inputs = np.random.default_rng(0).normal(size=(4, 6, 256, 256)).astype(np.float32)
+    lines = ["| engine (U-Net alone) | patches/s | / onnxruntime fp32 | same class |", "|---|---:|---:|---:|"]
+    reference = None
+    for engine, precision in SETTINGS:
+        if precision == "bf16" and not cpu_supports_bf16():
+            continue
+        predict = load_predictor("onnx", path, "classification", Runtime(engine, "cpu", precision, 2, 0))
+        predict(inputs)
+        start = time.perf_counter()
+        for _ in range(calls):
+            output = predict(inputs)
+        speed = calls * len(inputs) / (time.perf_counter() - start)
+        reference = reference or (speed, output.argmax(axis=1))
+        agreement = (output.argmax(axis=1) == reference[1]).mean()
+        lines.append(
+            f"| {engine} {precision} | {speed:.1f} | {speed / reference[0]:.2f} | {100 * agreement:.3f} % |"
+        )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| model | engine | run Mpx/s | / onnxruntime fp32 | same class as onnxruntime fp32 |",
@@ -82,6 +116,8 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str]) -> int:
     scale = int(argv[0]) if argv else 16
     work = Path(argv[1]) if len(argv) > 1 else Path(tempfile.mkdtemp(prefix="terrabeam-engines-"))
+    print(model_alone())
+    print()
     print(table(engine_rows(scale, work)))
     return 0
 
