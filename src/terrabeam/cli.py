@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "predict": "run the model over an export on Apache Beam (FnApiRunner by default)",
         "deliver": "assemble predictions into COGs and a quicklook PNG",
         "validate": "check the config and probe the model, without doing any work",
+        "compare-precision": "run the model at fp32 and at a reduced precision on a sample of the run's "
+        "patches: class agreement, largest difference, speed ratio",
         "schedule": "run the pipeline on the config's cron schedule, one run per closed window, "
         "until SIGTERM (see 'schedule:' in the config)",
     }
@@ -109,7 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog = beam_epilog if name in ("run", "predict") else None
         sub = commands.add_parser(name, help=text, description=text, epilog=epilog, parents=[verbosity])
         sub.set_defaults(command_parser=sub)
-        _common(sub, new_run=name in ("run", "export"), with_run=name not in ("schedule", "validate"))
+        _common(
+            sub,
+            new_run=name in ("run", "export"),
+            with_run=name not in ("schedule", "validate", "compare-precision"),
+        )
+        if name == "compare-precision":
+            sub.add_argument(
+                "--precision", choices=["bf16", "fp16"], default="bf16", help="the reduced precision"
+            )
+            sub.add_argument("--patches", type=int, default=16, help="patches in the sample (default 16)")
+            sub.add_argument("--json", action="store_true", help="one JSON document on stdout")
         if name == "schedule":
             sub.add_argument("--once", action="store_true", help="run the due windows, then exit")
         if name == "run":
@@ -425,6 +437,21 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
 
         files = render_gcp(config, args.out)
         print(f"{args.out}: {len(files)} files; review them, then run {args.out / 'deploy.sh'}")
+        return 0
+    if args.command == "compare-precision":
+        from terrabeam.predict.precision import compare_precision
+
+        with steps.gdal_env():
+            report = compare_precision(config, args.precision, max(1, args.patches))
+        if args.json:
+            print(json.dumps(report.as_dict(), indent=2))
+        else:
+            d = report.as_dict()
+            print(
+                f"{d['candidate']} vs {d['reference']} on {d['patches']} patches: "
+                f"{100 * d['agreement']:.3f} % of pixels in the same class, largest difference "
+                f"{d['max_abs_difference']:.4g}, {d['speed_ratio']:.2f}× the speed"
+            )
         return 0
     if args.command == "validate":
         steps.validate(config)

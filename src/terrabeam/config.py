@@ -297,6 +297,15 @@ class Normalization(_Strict):
 
 
 Framework = Literal["onnx", "tensorflow", "torch", "sklearn", "lightgbm"]
+Engine = Literal["auto", "onnxruntime", "openvino", "tensorflow", "torch", "sklearn", "lightgbm"]
+# The engines that run each framework's files (the first is the framework's own).
+ENGINES: dict[str, tuple[str, ...]] = {
+    "onnx": ("onnxruntime", "openvino"),
+    "tensorflow": ("tensorflow",),
+    "torch": ("torch",),
+    "sklearn": ("sklearn",),
+    "lightgbm": ("lightgbm",),
+}
 
 
 class ModelConfig(_Strict):
@@ -331,7 +340,35 @@ class ModelConfig(_Strict):
         description="value for masked pixels in the regression GeoTIFF (default NaN; required for integers)",
     )
     batch_size: int = Field(4, ge=1, description="patches per model call")
-    threads: int = Field(0, ge=0, description="intra-op threads per worker (0: the framework's default)")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="intra-op threads per model copy (0: this machine's cores / local workers; on "
+        "remote runners the framework's default)",
+    )
+    engine: Engine = Field(
+        "auto",
+        description="what runs the model: auto (the fastest available at model.precision, see "
+        "README), onnxruntime or openvino for ONNX files, else the framework itself",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="fp32: the model's own results; bf16: CPUs with AMX/AVX512-BF16 (OpenVINO) or "
+        "GPUs; fp16: GPUs. `terrabeam compare-precision` measures what a reduced one costs",
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (a CUDA GPU when the engine sees one, else the CPU), cpu, cuda or cuda:N",
+    )
+    share_across_processes: bool = Field(
+        False,
+        description="one model copy per machine shared by the worker processes (Beam RunInference's "
+        "large_model): for models that fill a GPU or the memory",
+    )
+    copies: int | None = Field(
+        None, ge=1, description="with share_across_processes: model copies per machine (Beam's model_copies)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -350,6 +387,13 @@ class ModelConfig(_Strict):
             )
         if self.output != "regression" and not self.classes:
             raise ValueError(f"output: {self.output} needs classes (names in the model's output order)")
+        if self.engine != "auto" and self.engine not in ENGINES[self.framework]:
+            raise ValueError(
+                f"engine {self.engine} does not run {self.framework} models; "
+                f"choose auto or {' / '.join(ENGINES[self.framework])}"
+            )
+        if self.copies is not None and not self.share_across_processes:
+            raise ValueError("copies needs share_across_processes: true (Beam's model_copies)")
         return self
 
     @property
@@ -383,6 +427,13 @@ class RunnerConfig(_Strict):
         None, description="dataflow/portable: worker image with terrabeam installed"
     )
     service_account: str | None = Field(None, description="dataflow: worker service account email")
+    gpu_type: str | None = Field(
+        None, description="dataflow: a GPU per worker of this type, e.g. nvidia-l4 (worker_accelerator)"
+    )
+    gpu_count: int = Field(1, ge=1, description="dataflow: GPUs per worker (with gpu_type)")
+    nvidia_mps: bool = Field(
+        False, description="dataflow: NVIDIA MPS, the worker's SDK processes share its one GPU"
+    )
     # portable
     job_endpoint: str | None = Field(None, description="portable: job service host:port")
     environment_type: Literal["DOCKER", "PROCESS", "EXTERNAL", "LOOPBACK"] | None = Field(
@@ -402,6 +453,10 @@ class RunnerConfig(_Strict):
         missing = [name for name in required if getattr(self, name) is None]
         if missing:
             raise ValueError(f"runner kind {self.kind!r} needs {', '.join(missing)}")
+        if self.nvidia_mps and (not self.gpu_type or self.gpu_count != 1):
+            raise ValueError(
+                "runner.nvidia_mps needs gpu_type and gpu_count 1 (MPS shares one GPU per worker)"
+            )
         return self
 
     def beam_flags(self) -> list[str]:
@@ -425,6 +480,13 @@ class RunnerConfig(_Strict):
                 "service_account_email": self.service_account,
             }
             flags += [f"--{k}={v}" for k, v in named.items() if v is not None]
+            if self.gpu_type:
+                accelerator = (
+                    f"worker_accelerator=type:{self.gpu_type};count:{self.gpu_count};install-nvidia-driver"
+                )
+                flags.append(
+                    f"--dataflow_service_options={accelerator}{';use_nvidia_mps' if self.nvidia_mps else ''}"
+                )
         else:
             flags = ["--runner=PortableRunner", f"--job_endpoint={self.job_endpoint}"]
             named = {

@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         root, remote = resolve_root(args.workspace)
 
         def run(config: PipelineConfig, workspace: Workspace) -> steps.StepReport:
-            steps.validate_before_run(config)  # as `terrabeam run` does before its first step
+            steps.validate_before_run(config, beam_args)  # as `terrabeam run` does before its first step
             task = tasks.task_for(step, config, workspace, beam_args, tasks.RunContext(workspace.run_id))
             return tasks.start_and_poll(task)
 

@@ -20,6 +20,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 from terrabeam import NAMESPACE
 from terrabeam.config import ModelConfig
 from terrabeam.errors import ModelError
+from terrabeam.predict.engines import Runtime, resolve_runtime
 from terrabeam.predict.frameworks import Predictor, load_predictor
 
 
@@ -82,7 +83,7 @@ def run_model(
 # The model the probe just loaded, handed to the pipeline's first load in this process (the
 # in-process runner) instead of loading it again (~0.3–0.5 s for the U-Net). At most one is kept;
 # forget_probed() drops it when the pipeline ran elsewhere.
-_probed: dict[tuple[str, str, int, str], Predictor] = {}
+_probed: dict[tuple[str, str, Runtime], Predictor] = {}
 
 
 def forget_probed() -> None:
@@ -90,35 +91,49 @@ def forget_probed() -> None:
 
 
 class PatchModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
-    """Beam ModelHandler for any framework: loaded once per worker, batched by whole patches."""
+    """Beam ModelHandler for any framework: loaded once per worker (or per machine with
+    model.share_across_processes), batched by whole patches. The engine, device and precision are
+    resolved where the model loads (engines.resolve_runtime), i.e. on the worker's hardware;
+    ``threads`` are the intra-op threads (0: the engine's default)."""
 
-    def __init__(self, model: ModelConfig, model_path: str, margin: tuple[int, int]) -> None:
+    def __init__(
+        self, model: ModelConfig, model_path: str, margin: tuple[int, int], threads: int | None = None
+    ) -> None:
         super().__init__()
         self._model = model
         self._path = model_path
         self._margin = margin
         self._skipped = Metrics.counter(NAMESPACE, "patches_skipped")
+        self._threads = model.threads if threads is None else threads
+
+    def runtime(self) -> Runtime:
+        return resolve_runtime(self._model, self._threads)
+
+    def share_model_across_processes(self) -> bool:
+        return self._model.share_across_processes
+
+    def model_copies(self) -> int:
+        return self._model.copies or 1
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
         """Bytes of a batch, for Beam's metrics: the arrays' sizes (Beam's default pickles the whole
         batch to count them, ~0.3 ms per patch)."""
         return sum(np.asarray(patch).nbytes for patch in batch)
 
-    def _key(self) -> tuple[str, str, int, str]:
-        task = "regression" if self._model.output == "regression" else "classification"
-        return (self._model.framework, self._path, self._model.threads, task)
+    def _task(self) -> str:
+        return "regression" if self._model.output == "regression" else "classification"
 
     def load_model(self) -> Predictor:
-        kept = _probed.pop(self._key(), None)
+        runtime = self.runtime()
+        kept = _probed.pop((self._path, self._task(), runtime), None)
         if kept is not None:
             return kept
-        task = self._key()[3]
         path = self._path
         if "://" in path:  # a model in the workspace's object store: each worker reads a local copy
             from terrabeam.storage import local_copy
 
             path = str(local_copy(path))
-        return load_predictor(self._model.framework, path, self._model.threads, task)
+        return load_predictor(self._model.framework, path, self._task(), runtime)
 
     def run_inference(
         self, batch: Sequence[np.ndarray], model: Predictor, inference_args: dict[str, Any] | None = None
@@ -191,17 +206,29 @@ def _check_onnx_input(model: ModelConfig, path: str, patch_shape: tuple[int, int
 
 
 def probe_model(
-    model: ModelConfig, model_path: str, patch_shape: tuple[int, int], margin: tuple[int, int] = (0, 0)
+    model: ModelConfig,
+    model_path: str,
+    patch_shape: tuple[int, int],
+    margin: tuple[int, int] = (0, 0),
+    threads: int | None = None,
+    here: bool = True,
 ) -> ModelSignature:
     """Load the model and run it once on one zero patch of ``patch_shape`` (H, W), as the pipeline
-    will; fail before any work if bands, layout, patch size or output count do not fit the config."""
+    will; fail before any work if bands, layout, patch size or output count do not fit the config.
+
+    ``here``: the model will run on this machine, so the probe uses its engine, device and
+    precision and hands the loaded model to the pipeline; otherwise (remote workers, whose hardware
+    may differ) the probe checks shapes on the CPU at fp32 and the workers resolve the rest."""
+    if not here:
+        model = model.model_copy(update={"engine": "auto", "device": "cpu", "precision": "fp32"})
     if model.framework == "onnx":
         if "://" in model_path:
             from terrabeam.storage import local_copy
 
             model_path = str(local_copy(model_path))
         _check_onnx_input(model, model_path, patch_shape)
-    handler = PatchModelHandler(model, model_path, margin)
+    handler = PatchModelHandler(model, model_path, margin, threads)
+    runtime = handler.runtime()
     predictor = handler.load_model()
     h, w = patch_shape
     probe = np.zeros((1, len(model.input_bands), h, w), dtype=np.float32)
@@ -227,5 +254,6 @@ def probe_model(
             "the model must keep the patch size"
         )
     _probed.clear()
-    _probed[handler._key()] = predictor
+    if here:
+        _probed[(model_path, handler._task(), runtime)] = predictor
     return ModelSignature(output.shape[1], output.shape[2], output.shape[3])

@@ -21,6 +21,7 @@ from terrabeam.config import PipelineConfig
 from terrabeam.errors import ConfigError, RecordCountError, TerrabeamError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, find_export, manifest_path, mixer_path, shard_name
+from terrabeam.predict.engines import default_threads
 from terrabeam.predict.io import (
     DecodeRecord,
     PostProcess,
@@ -51,6 +52,25 @@ def pipeline_flags(config: PipelineConfig, extra: Sequence[str] = ()) -> list[st
     return flags
 
 
+def local_workers(flags: Sequence[str]) -> int | None:
+    """How many workers run the model on this machine by the Beam flags (later flags win); None
+    when the runner runs it elsewhere (Dataflow, a job service's workers)."""
+    runner, workers = "FnApiRunner", 1
+    for flag in flags:
+        key, _, value = flag.removeprefix("--").partition("=")
+        if key == "runner":
+            runner = value
+        elif key == "direct_num_workers":
+            workers = int(value or 1)
+    return workers if runner in ("FnApiRunner", "DirectRunner") else None
+
+
+def model_placement(config: PipelineConfig, beam_args: Sequence[str] = ()) -> tuple[int, bool]:
+    """(intra-op threads per model copy, whether the model runs on this machine) for a run."""
+    workers = local_workers(config.runner.beam_flags() + list(beam_args))
+    return default_threads(config.model, workers), workers is not None
+
+
 class PredictPatches(beam.PTransform):
     """(PatchKey, {band: (H, W)}) → (PatchKey, prediction bands at core size): the model's input
     prepared, Beam's RunInference with terrabeam's handler, and the output post-processed.
@@ -68,15 +88,17 @@ class PredictPatches(beam.PTransform):
         grid: Grid,
         margin: tuple[int, int],
         region: tuple[int, int] | None,
+        threads: int,
     ) -> None:
         super().__init__()
         self.config, self.model_path, self.grid, self.margin = config, model_path, grid, margin
         self.region = region
+        self.threads = threads
 
     def expand(self, patches: beam.PCollection) -> beam.PCollection:
         model = self.config.model
         norm = model.normalization
-        handler = KeyedModelHandler(PatchModelHandler(model, self.model_path, self.margin))
+        handler = KeyedModelHandler(PatchModelHandler(model, self.model_path, self.margin, self.threads))
         core = (self.grid.patch_height, self.grid.patch_width)
         region = None
         if self.region is not None:
@@ -156,8 +178,9 @@ def run_predict(
     shape = (grid.patch_height + kh, grid.patch_width + kw)
     model_path = remote.model if remote else config.locate(config.model.path)
     margin = (kw // 2, kh // 2)
+    threads, here = model_placement(config, beam_args)
     if probe:
-        probe_model(config.model, model_path, shape, margin)
+        probe_model(config.model, model_path, shape, margin, threads, here)
 
     compressed = config.predict.compression_level > 0
     names = [shard_name(config.predict.prefix, i, compressed) for i in range(len(shards))]
@@ -186,6 +209,7 @@ def run_predict(
             grid,
             margin,
             (manifest.region_width, manifest.region_height) if expected else None,
+            threads,
         )
         # reshuffled: a shard's records are spread over workers, bring them together; otherwise each
         # shard stays in one bundle, in order, and streams out with flat memory

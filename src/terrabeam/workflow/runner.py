@@ -183,7 +183,7 @@ class Runner:
         reports = []
         try:
             started = time.perf_counter()
-            steps.validate_before_run(config)
+            steps.validate_before_run(config, beam_args)
             validate_seconds = time.perf_counter() - started
             kept = []
             for step in record.steps:

@@ -32,7 +32,14 @@ from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path
 from terrabeam.predict.io import DecodeRecord, ReadKeyedRecords
 from terrabeam.predict.models import probe_model
-from terrabeam.predict.pipeline import PredictPatches, RemoteIO, prediction_bands, read_export, run_predict
+from terrabeam.predict.pipeline import (
+    PredictPatches,
+    RemoteIO,
+    model_placement,
+    prediction_bands,
+    read_export,
+    run_predict,
+)
 from terrabeam.progress import published_progress
 from terrabeam.sources.raster import ReadRasterPatches, check_overlap, export_grid, export_rasters, open_band
 from terrabeam.tiling import Tiling
@@ -197,13 +204,16 @@ def map_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[s
     remote = remote_io(config, workspace)
     model_path = remote.model if remote else config.locate(config.model.path)
     inputs = "\n".join(config.locate(band.path) for band in config.source.bands.values())
+    threads, _ = model_placement(config, beam_args)
 
     def source(pipeline: beam.Pipeline, tiles: list[int], spread: bool) -> beam.PCollection:
         return (
             pipeline
             | "ReadRasterPatches" >> ReadRasterPatches(config, grid, tiling, tiles, spread)
             | "Predict"
-            >> PredictPatches(config, model_path, grid, (kw // 2, kh // 2), (region.width, region.height))
+            >> PredictPatches(
+                config, model_path, grid, (kw // 2, kh // 2), (region.width, region.height), threads
+            )
         )
 
     with gdal_env(), disk_full_as_error(workspace.run_dir):
@@ -304,11 +314,15 @@ def check_run_grid(config: PipelineConfig, workspace: Workspace, step: str) -> N
         )
 
 
-def validate_before_run(config: PipelineConfig) -> None:
-    """Fail before any work if the model does not fit the configured bands and patch size."""
+def validate_before_run(config: PipelineConfig, beam_args: Sequence[str] = ()) -> None:
+    """Fail before any work if the model does not fit the configured bands and patch size, or its
+    engine, device or precision is not available where it will run (this machine's checks only
+    when it runs here)."""
     kw, kh = config.grid.kernel_size
     pw, ph = config.grid.patch_size
-    probe_model(config.model, config.locate(config.model.path), (ph + kh, pw + kw), (kw // 2, kh // 2))
+    threads, here = model_placement(config, beam_args)
+    shape, margin = (ph + kh, pw + kw), (kw // 2, kh // 2)
+    probe_model(config.model, config.locate(config.model.path), shape, margin, threads, here)
 
 
 def find_problems(config: PipelineConfig) -> list[str]:

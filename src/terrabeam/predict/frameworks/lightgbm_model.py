@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from terrabeam.predict.engines import Runtime
 from terrabeam.predict.frameworks import Predictor, require
 
 
-def load(path: str, threads: int, task: str) -> Predictor:
+def load(path: str, task: str, runtime: Runtime) -> Predictor:
     lightgbm = require("lightgbm", "lightgbm")
     booster = lightgbm.Booster(model_file=path)
-    options = {"num_threads": threads} if threads else {}
+    options = {"num_threads": runtime.threads} if runtime.threads else {}
 
     def predict(pixels: np.ndarray) -> np.ndarray:
         output = booster.predict(pixels, **options)

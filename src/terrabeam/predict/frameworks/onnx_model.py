@@ -1,17 +1,38 @@
-"""ONNX models through ONNX Runtime (the base install); CUDA is used when the runtime offers it."""
+"""ONNX models through ONNX Runtime (the base install): the CPU, or CUDA / TensorRT on a GPU."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
 
+from terrabeam.errors import ModelError
+from terrabeam.predict.engines import Runtime
 from terrabeam.predict.frameworks import Predictor
 
 
-def load(path: str, threads: int, task: str) -> Predictor:
+def providers(runtime: Runtime, available: list[str]) -> list:
+    """ONNX Runtime execution providers for the runtime's device, best first: TensorRT (fp16 when
+    asked) where installed, CUDA, then the CPU for operators the GPU providers lack."""
+    if runtime.device == "cpu":
+        return ["CPUExecutionProvider"]
+    index = runtime.gpu_index
+    chosen: list = []
+    if "TensorrtExecutionProvider" in available:
+        options = {"device_id": index, "trt_fp16_enable": runtime.precision == "fp16"}
+        chosen.append(("TensorrtExecutionProvider", options | {"trt_engine_cache_enable": True}))
+    chosen.append(("CUDAExecutionProvider", {"device_id": index}))
+    return [*chosen, "CPUExecutionProvider"]
+
+
+def load(path: str, task: str, runtime: Runtime) -> Predictor:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(path, options, providers=ort.get_available_providers())
+    options.intra_op_num_threads = runtime.threads
+    session = ort.InferenceSession(path, options, providers=providers(runtime, ort.get_available_providers()))
+    if runtime.device != "cpu" and "CUDAExecutionProvider" not in session.get_providers():
+        raise ModelError(
+            f"model.device {runtime.device}: ONNX Runtime could not start CUDA (session providers "
+            f"{session.get_providers()}); check the driver and the CUDA libraries, or set device cpu"
+        )
     name = session.get_inputs()[0].name
 
     def predict(batch: np.ndarray) -> np.ndarray:

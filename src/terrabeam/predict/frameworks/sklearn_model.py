@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from terrabeam.errors import ModelError
+from terrabeam.predict.engines import Runtime
 from terrabeam.predict.frameworks import Predictor, require
 
 
-def load(path: str, threads: int, task: str) -> Predictor:
+def load(path: str, task: str, runtime: Runtime) -> Predictor:
     joblib = require("joblib", "sklearn")
     require("sklearn", "sklearn")
     model = joblib.load(path)

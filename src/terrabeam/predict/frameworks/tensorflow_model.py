@@ -1,4 +1,5 @@
-"""TensorFlow models: a Keras file (.keras, .h5) or a SavedModel folder (its serving signature)."""
+"""TensorFlow models: a Keras file (.keras, .h5) or a SavedModel folder (its serving signature), on
+the CPU or a GPU."""
 
 from __future__ import annotations
 
@@ -6,26 +7,32 @@ from contextlib import suppress
 
 import numpy as np
 
+from terrabeam.predict.engines import Runtime
 from terrabeam.predict.frameworks import Predictor, require
 
 
-def load(path: str, threads: int, task: str) -> Predictor:
+def load(path: str, task: str, runtime: Runtime) -> Predictor:
     tf = require("tensorflow", "tensorflow")
-    if threads:
+    if runtime.threads:
         with suppress(RuntimeError):  # already initialised in this process: keep its setting
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_intra_op_parallelism_threads(runtime.threads)
+    device = "/CPU:0" if runtime.device == "cpu" else f"/GPU:{runtime.gpu_index}"
     if path.endswith((".keras", ".h5")):
-        model = tf.keras.models.load_model(path, compile=False)
+        with tf.device(device):
+            model = tf.keras.models.load_model(path, compile=False)
 
         def predict(batch: np.ndarray) -> np.ndarray:
-            return np.asarray(model(batch, training=False))
+            with tf.device(device):
+                return np.asarray(model(batch, training=False))
 
         return predict
-    signature = tf.saved_model.load(path).signatures["serving_default"]
+    with tf.device(device):
+        signature = tf.saved_model.load(path).signatures["serving_default"]
     (input_name,) = signature.structured_input_signature[1].keys()
 
     def serve(batch: np.ndarray) -> np.ndarray:
-        outputs = signature(**{input_name: tf.constant(batch)})
+        with tf.device(device):
+            outputs = signature(**{input_name: tf.constant(batch)})
         return next(iter(outputs.values())).numpy()
 
     return serve
