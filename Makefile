@@ -31,6 +31,7 @@ fuzz: $(STAMP)  ## fuzz TFRecord framing + decoder against protobuf and Beam's c
 
 bench: $(STAMP) $(DATA)  ## side-by-side benchmarks, results into BENCHMARKS.md
 	$(PY) -m benchmarks --write BENCHMARKS.md
+	$(PY) -m benchmarks --only engines --write BENCHMARKS.md
 
 example-landcover: $(STAMP) $(DATA)  ## the per-pixel Keras land-cover illustration
 	$(PY) examples/build_landcover_dnn.py data/examples/landcover-dnn.keras

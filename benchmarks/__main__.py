@@ -7,6 +7,9 @@
 4. where the time goes: per-step and per-stage seconds of one profiled run;
 5. local worker processes: predict with 1 and 2 worker processes (× ONNX Runtime threads), the
    speed-up (alone: ``python -m benchmarks --only workers --write BENCHMARKS.md``).
+6. engines: ONNX Runtime fp32, OpenVINO fp32 and bf16, the model alone and whole runs, with class
+   agreement to ONNX Runtime fp32 (``python -m benchmarks --only engines --write BENCHMARKS.md``;
+   ``make bench`` runs it after the rest).
 """
 
 from __future__ import annotations
@@ -36,6 +39,23 @@ from terrabeam.predict.pipeline import run_predict
 
 MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
 WORKERS_START, WORKERS_END = "<!-- workers:start -->", "<!-- workers:end -->"
+ENGINES_START, ENGINES_END = "<!-- engines:start -->", "<!-- engines:end -->"
+ENGINES_SCALE = 16
+
+
+def _engines_section(work: Path, command: str) -> str:
+    """Section 6: the model alone on each engine, then whole runs at 16× (benchmarks/engines.py)."""
+    from benchmarks.engines import engine_rows, model_alone, table
+
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n\n".join(
+        [
+            f"### 6. Engines ({when}, `{command}`)",
+            model_alone(),
+            f"Whole `terrabeam run` on the {ENGINES_SCALE}× scene:",
+            table(engine_rows(ENGINES_SCALE, work)),
+        ]
+    )
 
 
 def _mpx(pixels: int, seconds: float) -> float:
@@ -64,11 +84,20 @@ def main(argv: list[str] | None = None) -> int:
         "--workers-repeats", type=int, default=2, help="rounds of section 5; best is reported"
     )
     parser.add_argument(
-        "--only", choices=["workers"], help="run one section; --write replaces only its block in the file"
+        "--only",
+        choices=["workers", "engines"],
+        help="run one section; --write replaces only its block in the file",
     )
     parser.add_argument("--write", type=Path, help="put the results into this Markdown file")
     args = parser.parse_args(argv)
     command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
+    if args.only == "engines":
+        with tempfile.TemporaryDirectory(prefix="terrabeam-bench-") as tmp:
+            text = _engines_section(Path(tmp), command)
+        print(text)
+        if args.write:
+            _write_block(args.write, ENGINES_START, ENGINES_END, text)
+        return 0
     if args.only == "workers":
         with tempfile.TemporaryDirectory(prefix="terrabeam-bench-") as tmp:
             text = _workers_section(args, Path(tmp), command)
