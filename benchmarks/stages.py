@@ -22,7 +22,7 @@ STAGES = {
     "model (ONNX Runtime run)": ("onnxruntime_inference_collection.py", "run"),
     "model load": ("predict/models.py", "load_model"),
     "model probe": ("predict/models.py", "probe_model"),
-    "waiting for the read-ahead (raster blocks)": ("concurrent/futures/_base.py", "result"),
+    "waiting for threads (band reads, tile writes behind)": ("concurrent/futures/_base.py", "result"),
     "model input: stack, normalise": ("predict/io.py", "process"),
     "post-process (softmax, argmax, crop)": ("predict/io.py", "features"),
     "patches into the tile's scratch files": ("sinks/tiles.py", "add"),

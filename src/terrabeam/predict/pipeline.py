@@ -224,7 +224,7 @@ def run_predict(
         finally:
             forget_probed()  # the probe's model, if the pipeline ran elsewhere
         counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
-        totals = {c.key.metric.name: c.committed or c.attempted for c in counters}
+        totals = {c.key.metric.name: c.committed or c.attempted or 0 for c in counters}
         read, written = totals.get("records_read", 0), totals.get("records_written", 0)
         skipped = totals.get("patches_skipped", 0)
         if remote is not None:

@@ -334,8 +334,10 @@ def export_rasters(config: PipelineConfig, out_dir: Path) -> ExportResult:
 class _ReadTilePatches(beam.DoFn):
     """Tile number → (PatchKey, {band: patch}) for every patch of the tile, read on the worker.
 
-    The next block of patches is read in a background thread while the current one flows on to
-    the model, so reading overlaps the model on one machine (both release the GIL).
+    Blocks are read in the bundle's thread (the bands of a block in parallel). A read-ahead thread
+    overlapped reading with the model, but GDAL's shared block cache then flushed the tile
+    writer's dirty scratch blocks from the reading thread while the bundle thread wrote them, and
+    patches went missing from the map (tests/test_kernel_margin.py caught it, ~1 run in 3).
     """
 
     def __init__(self, config: PipelineConfig, grid: Grid, tiling: Tiling) -> None:
@@ -346,21 +348,15 @@ class _ReadTilePatches(beam.DoFn):
 
     def setup(self) -> None:
         self._reader = RasterPatchReader(self.config, self.grid, self.config.grid.kernel_size)
-        self._ahead = ThreadPoolExecutor(max_workers=1)
 
     def process(self, tile: int) -> Iterator[tuple[PatchKey, dict[str, np.ndarray]]]:
         blocks = self.tiling.patch_rows(tile)
-        pending = self._ahead.submit(self._reader.read_block, *blocks[0]) if blocks else None
-        for number in range(len(blocks)):
-            patches = pending.result()
-            if number + 1 < len(blocks):
-                pending = self._ahead.submit(self._reader.read_block, *blocks[number + 1])
-            for index, patch in patches:
+        for block in blocks:
+            for index, patch in self._reader.read_block(*block):
                 self.patches_read.inc()
                 yield PatchKey(index, 0, index), patch
 
     def teardown(self) -> None:
-        self._ahead.shutdown()
         self._reader.close()
 
 

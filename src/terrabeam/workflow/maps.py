@@ -149,7 +149,7 @@ def write_map(
                 forget_probed()  # the probe's model, if the pipeline ran elsewhere
         counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
         written, skipped = (
-            sum(c.committed or c.attempted for c in counters if c.key.metric.name == name)
+            sum(c.committed or c.attempted or 0 for c in counters if c.key.metric.name == name)
             for name in ("tiles_written", "patches_skipped")
         )
         if written != len(todo):
