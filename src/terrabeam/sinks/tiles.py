@@ -214,14 +214,18 @@ class WriteMapTiles(beam.DoFn):
 
     Patches of a tile normally arrive in one bundle (a tile is read by one task); ``grouped``
     input, (tile, [(PatchKey, bands)]) after a GroupByKey, serves sources whose order differs.
-    A complete tile is encoded and published behind, in a background thread (GDAL releases the
-    GIL), while the next tile's patches go through the model; at most ``WRITE_BEHIND`` tiles wait,
-    and the bundle ends only when all are published (an error in one fails the bundle).
+    With ``WRITE_BEHIND`` > 0 a complete tile is encoded and published in a background thread while
+    the next tile's patches go through the model (at most that many wait; the bundle ends only when
+    all are published); it is 0, see below.
     Without ``overviews`` the tiles are COGs of full resolution only: for a map whose single COG,
     assembled from the tiles, carries the overviews (they cost about 2/3 of a tile's encoding).
     """
 
-    WRITE_BEHIND = 1
+    # 0: each tile is published in the bundle's thread. A background writer (1) overlapped the COG
+    # encoding with the model, but GDAL's shared block cache can flush one thread's dirty scratch
+    # blocks from another thread while it writes them (seen losing patches with a read-ahead
+    # thread, tests/test_kernel_margin.py), so it stays off until a scratch-free tile writer exists.
+    WRITE_BEHIND = 0
 
     def __init__(
         self,
@@ -286,6 +290,10 @@ class WriteMapTiles(beam.DoFn):
         file.add(key, features)
         if file.complete:
             del self._open[tile]
+            if not self.WRITE_BEHIND:
+                self.patches_written.inc(file.publish())
+                self.tiles_written.inc()
+                return
             while len(self._behind) >= self.WRITE_BEHIND:
                 self._published(self._behind.popleft())
             if self._writer is None:  # a DoFn used without setup (direct calls in tests)
