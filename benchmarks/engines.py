@@ -11,18 +11,13 @@ after a warm-up call), then the whole runs.
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import rasterio
-import yaml
 
-from benchmarks.scenes import pixel_model, scene_config, tiled_scene
+from benchmarks.scenes import pixel_model, run_variant, scene_config, tiled_scene
 from terrabeam.predict.engines import cpu_supports_bf16
 
 SETTINGS = [("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
@@ -30,17 +25,11 @@ SETTINGS = [("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
 
 def run_engine(config: Path, work: Path, engine: str, precision: str) -> tuple[float, np.ndarray]:
     """(Mpx/s of the run, its class map) with the model on ``engine`` at ``precision``."""
-    document = yaml.safe_load(config.read_text())
-    document["model"] |= {"engine": engine, "precision": precision, "threads": 2}
-    workspace = work / f"ws-{config.stem}-{engine}-{precision}"
-    shutil.rmtree(workspace, ignore_errors=True)
-    document["workspace"] = str(workspace)
-    variant = work / f"{config.stem}-{engine}-{precision}.yaml"
-    variant.write_text(yaml.safe_dump(document, sort_keys=False))
-    subprocess.run([sys.executable, "-m", "terrabeam", "-q", "run", str(variant), "--run", "r"], check=True)
-    summary = json.loads((workspace / "r" / "summary.json").read_text())
-    with rasterio.open(workspace / "r" / "deliver" / f"{document['name']}-classes.tif") as ds:
-        labels = ds.read(1)
+
+    def edit(document: dict) -> None:
+        document["model"] |= {"engine": engine, "precision": precision, "threads": 2}
+
+    summary, labels = run_variant(config, work, f"{config.stem}-{engine}-{precision}", edit)
     return summary["mpx_per_second"], labels
 
 

@@ -97,3 +97,24 @@ def scene_config(
     document["model"]["path"] = str(model or DEMO_DATA / "ukis_csmask" / "model_6b_l1c.onnx")
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
+
+
+def run_variant(config: Path, work: Path, name: str, edit) -> tuple[dict, np.ndarray]:
+    """`terrabeam run` of ``config`` changed by ``edit(document)`` in its own workspace under
+    ``work``: (the run's summary, its class map)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    document = yaml.safe_load(config.read_text())
+    edit(document)
+    workspace = work / f"ws-{name}"
+    shutil.rmtree(workspace, ignore_errors=True)
+    document["workspace"] = str(workspace)
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "terrabeam", "-q", "run", str(path), "--run", "r"], check=True)
+    summary = json.loads((workspace / "r" / "summary.json").read_text())
+    with rasterio.open(workspace / "r" / "deliver" / f"{document['name']}-classes.tif") as ds:
+        return summary, ds.read(1)

@@ -8,34 +8,23 @@ the whole-scene map's.
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import rasterio
-import yaml
 from rasterio.warp import transform_geom
 
-from benchmarks.scenes import scene_config, tiled_scene
+from benchmarks.scenes import run_variant, scene_config, tiled_scene
 
 
 def _run(config: Path, work: Path, name: str, region: dict | None) -> tuple[dict, np.ndarray]:
-    document = yaml.safe_load(config.read_text())
-    if region is not None:
-        document["grid"]["region"] = region
-    workspace = work / f"ws-{name}"
-    shutil.rmtree(workspace, ignore_errors=True)
-    document["workspace"] = str(workspace)
-    path = work / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    subprocess.run([sys.executable, "-m", "terrabeam", "-q", "run", str(path), "--run", "r"], check=True)
-    summary = json.loads((workspace / "r" / "summary.json").read_text())
-    with rasterio.open(workspace / "r" / "deliver" / f"{document['name']}-classes.tif") as ds:
-        return summary, ds.read(1)
+    def edit(document: dict) -> None:
+        if region is not None:
+            document["grid"]["region"] = region
+
+    return run_variant(config, work, name, edit)
 
 
 def main(argv: list[str]) -> int:

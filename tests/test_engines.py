@@ -127,7 +127,7 @@ def test_default_threads_share_the_cores(monkeypatch):
 
 
 def test_model_placement_follows_the_runner():
-    from terrabeam.predict.pipeline import local_workers
+    from terrabeam.config import local_workers
 
     assert local_workers(["--runner=FnApiRunner"]) == 1
     assert local_workers(["--runner=FnApiRunner", "--direct_num_workers=2"]) == 2

@@ -517,14 +517,20 @@ class PredictConfig(_Strict):
         ``flags`` are the Beam flags of the run (later flags win)."""
         if self.reshuffle is not None:
             return self.reshuffle
-        runner, workers = "FnApiRunner", 1
-        for flag in flags:
-            key, _, value = flag.removeprefix("--").partition("=")
-            if key == "runner":
-                runner = value
-            elif key == "direct_num_workers":
-                workers = int(value or 1)
-        return runner not in ("FnApiRunner", "DirectRunner") or workers != 1
+        return local_workers(flags) != 1
+
+
+def local_workers(flags: Sequence[str]) -> int | None:
+    """How many workers run the pipeline in this process by the Beam flags (later flags win); None
+    when the runner runs it elsewhere (Dataflow, a job service's workers)."""
+    runner, workers = "FnApiRunner", 1
+    for flag in flags:
+        key, _, value = flag.removeprefix("--").partition("=")
+        if key == "runner":
+            runner = value
+        elif key == "direct_num_workers":
+            workers = int(value or 1)
+    return workers if runner in ("FnApiRunner", "DirectRunner") else None
 
 
 class OutputsConfig(_Strict):

@@ -17,7 +17,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from terrabeam import NAMESPACE, beam_local
-from terrabeam.config import PipelineConfig
+from terrabeam.config import PipelineConfig, local_workers
 from terrabeam.errors import ConfigError, RecordCountError, TerrabeamError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, find_export, manifest_path, mixer_path, shard_name
@@ -50,19 +50,6 @@ def pipeline_flags(config: PipelineConfig, extra: Sequence[str] = ()) -> list[st
             "(a worker image; `terrabeam deploy gcp` renders its Dockerfile) or runner.options.setup_file"
         )
     return flags
-
-
-def local_workers(flags: Sequence[str]) -> int | None:
-    """How many workers run the model on this machine by the Beam flags (later flags win); None
-    when the runner runs it elsewhere (Dataflow, a job service's workers)."""
-    runner, workers = "FnApiRunner", 1
-    for flag in flags:
-        key, _, value = flag.removeprefix("--").partition("=")
-        if key == "runner":
-            runner = value
-        elif key == "direct_num_workers":
-            workers = int(value or 1)
-    return workers if runner in ("FnApiRunner", "DirectRunner") else None
 
 
 def model_placement(config: PipelineConfig, beam_args: Sequence[str] = ()) -> tuple[int, bool]:
