@@ -12,42 +12,24 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from PIL import Image, ImageDraw, ImageFont
-from rasterio.crs import CRS
 from rasterio.enums import Resampling
 
 from terrabeam.sinks.tiles import MapLayer, cog_options, tile_file_name
+from terrabeam.sinks.vrt import GDAL_TYPES, layer_vrt, write_vrt_file
 from terrabeam.tiling import Tiling
 
 QUICKLOOK_MAX_SIDE = 1024
 TILES_FOLDER = "tiles"
-GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "int32": "Int32"}
-GDAL_TYPES |= {"float32": "Float32", "float64": "Float64"}
 DEFAULT_COLORS = ["#1b9e77", "#f0f0f0", "#4b3f9e", "#d95f02", "#e7298a", "#66a61e", "#e6ab02", "#a6761d"]
-
-
-def _number(value: float) -> str:
-    return (
-        "nan" if np.isnan(value) else repr(float(value)) if not float(value).is_integer() else str(int(value))
-    )
 
 
 def write_vrt(path: Path, stem: str, layer: MapLayer, tiling: Tiling) -> Path:
     """A VRT of the layer's tiles (``tiles/…`` relative to ``path``), written under a temporary name
     and renamed into place."""
     grid = tiling.grid
-    t = grid.transform
-    root = ET.Element(
-        "VRTDataset", rasterXSize=str(tiling.region_width), rasterYSize=str(tiling.region_height)
-    )
-    ET.SubElement(root, "SRS", dataAxisToSRSAxisMapping="1,2").text = CRS.from_user_input(grid.crs).to_wkt()
-    ET.SubElement(root, "GeoTransform").text = ", ".join(repr(v) for v in (t.c, t.a, t.b, t.f, t.d, t.e))
-    metadata = ET.SubElement(root, "Metadata")
-    ET.SubElement(metadata, "MDI", key="bands").text = ",".join(layer.descriptions)
     typename = GDAL_TYPES[layer.dtype]
-    for number, description in enumerate(layer.descriptions, start=1):
-        band = ET.SubElement(root, "VRTRasterBand", dataType=typename, band=str(number))
-        ET.SubElement(band, "Description").text = description
-        ET.SubElement(band, "NoDataValue").text = _number(layer.nodata)
+
+    def add_tiles(band: ET.Element, number: int) -> None:
         for tile in range(tiling.count):
             window = tiling.window(tile)
             source = ET.SubElement(band, "SimpleSource")
@@ -66,11 +48,9 @@ def write_vrt(path: Path, stem: str, layer: MapLayer, tiling: Tiling) -> Path:
             )
             ET.SubElement(source, "SrcRect", xOff="0", yOff="0", **size)
             ET.SubElement(source, "DstRect", xOff=str(window.col_off), yOff=str(window.row_off), **size)
-    ET.indent(root)
-    partial = path.with_name(f".{path.name}.partial")
-    ET.ElementTree(root).write(partial, encoding="unicode")
-    os.replace(partial, path)
-    return path
+
+    root = layer_vrt(tiling.region_width, tiling.region_height, grid.crs, grid.transform, layer, add_tiles)
+    return write_vrt_file(root, path)
 
 
 def write_single_cog(

@@ -1,7 +1,8 @@
 """The map sink: prediction bands of keyed patches → one Cloud-Optimized GeoTIFF per tile and layer.
 
-A tile's patches are written into uncompressed scratch GeoTIFFs (memory holds one patch, not the
-tile) and, once the tile's last patch is in, each layer becomes a COG through GDAL's COG driver,
+A tile's patches are written into raw scratch files, memory-mapped (memory holds what the page cache
+keeps, not the tile; no GDAL call until the tile is complete) and, once the tile's last patch is
+in, each layer becomes a COG through GDAL's COG driver (reading the scratch through a raw VRT),
 published atomically: renamed into place in a folder, or uploaded whole to an object store (an
 object appears only complete). A tile is done when every layer's file exists; a resumed run keeps
 done tiles and writes the others again, byte for byte the same.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,21 +22,20 @@ from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
-import rasterio
 import rasterio.shutil
 from affine import Affine
 from rasterio.features import geometry_mask
-from rasterio.windows import Window
 
 from terrabeam import NAMESPACE
 from terrabeam.config import PipelineConfig
 from terrabeam.errors import InputError, RecordCountError
+from terrabeam.gdal_threads import GDAL_IO
 from terrabeam.grid import PatchKey
+from terrabeam.sinks.vrt import layer_vrt, write_vrt_file
 from terrabeam.tfrecord import RecordWriter, encode_example
 from terrabeam.tiling import Tiling
 
 CLASS_NODATA = 255
-SCRATCH_BLOCK = 256
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,31 @@ def cog_options(
     return options
 
 
+def _raw_dtype(layer: MapLayer) -> np.dtype:
+    """The layer's type, little-endian (the raw VRT says so)."""
+    return np.dtype(layer.dtype).newbyteorder("<")
+
+
+def _scratch_pixels(path: Path, dtype: np.dtype, shape: tuple[int, ...], fill: float) -> np.memmap:
+    """A raw scratch file of ``shape`` mapped into memory, filled with ``fill`` (pixels no patch
+    covers stay nodata). Its blocks are allocated first, so a full disk is an OSError naming the
+    file here, not a SIGBUS when a mapped page is first written."""
+    size = int(np.prod(shape)) * dtype.itemsize
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+        else:  # no fallocate (macOS): a sparse file
+            os.ftruncate(fd, size)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    finally:
+        os.close(fd)
+    pixels = np.memmap(path, dtype, "r+", shape=shape)
+    pixels[...] = fill
+    return pixels
+
+
 def _as_dtype(values: np.ndarray, layer: MapLayer) -> np.ndarray:
     """Prediction values in the layer's type: masked (NaN) pixels become its nodata, integers rounded."""
     if np.issubdtype(np.dtype(layer.dtype), np.floating):
@@ -103,7 +129,8 @@ def _as_dtype(values: np.ndarray, layer: MapLayer) -> np.ndarray:
 
 
 class _TileFile:
-    """The scratch files of one tile being written, one per layer, turned into COGs when complete."""
+    """The scratch pixels of one tile being written, a raw memory-mapped file per layer, turned into
+    COGs when complete."""
 
     def __init__(self, sink: WriteMapTiles, tile: int) -> None:
         self.sink = sink
@@ -112,25 +139,11 @@ class _TileFile:
         self.expected = len(sink.tiling.patches(tile))
         self.written = 0
         self.scratch = Path(tempfile.mkdtemp(prefix="terrabeam-tile-", dir=sink.scratch_root()))
-        grid = sink.tiling.grid
-        transform = grid.transform @ Affine.translation(self.window.col_off, self.window.row_off)
-        self.files = {}
+        self.pixels: dict[str, np.memmap] = {}
         for layer in sink.layers:
-            self.files[layer.stem] = rasterio.open(
-                self.scratch / f"{layer.stem}.tif",
-                "w",
-                driver="GTiff",
-                width=self.window.width,
-                height=self.window.height,
-                count=len(layer.bands),
-                dtype=layer.dtype,
-                nodata=layer.nodata,
-                crs=grid.crs,
-                transform=transform,
-                tiled=True,
-                blockxsize=SCRATCH_BLOCK,
-                blockysize=SCRATCH_BLOCK,
-            )
+            shape = (len(layer.bands), self.window.height, self.window.width)
+            path = self.scratch / f"{layer.stem}.raw"
+            self.pixels[layer.stem] = _scratch_pixels(path, _raw_dtype(layer), shape, layer.nodata)
         # With records: the tile's prediction records in tile order, for the interchange shards.
         self.records = RecordWriter(self.scratch / "records.tfrecord", 0) if sink.with_records else None
         self.order = sink.tiling.patches(tile)
@@ -154,9 +167,7 @@ class _TileFile:
         self.written += 1
         if rows <= 0 or cols <= 0:
             return  # a padding patch wholly outside the true region
-        target = Window(
-            window.col_off - self.window.col_off, window.row_off - self.window.row_off, cols, rows
-        )
+        top, left = window.row_off - self.window.row_off, window.col_off - self.window.col_off
         outside = None
         if sink.polygon is not None:
             transform = grid.transform @ Affine.translation(window.col_off, window.row_off)
@@ -173,37 +184,52 @@ class _TileFile:
             if outside is not None:  # NaN becomes each layer's nodata
                 values = values.astype(np.float32)
                 values[:, outside] = np.nan
-            self.files[layer.stem].write(_as_dtype(values, layer), window=target)
+            self.pixels[layer.stem][:, top : top + rows, left : left + cols] = _as_dtype(values, layer)
 
     @property
     def complete(self) -> bool:
         return self.written == self.expected
 
+    def _raw_vrt(self, layer: MapLayer) -> Path:
+        """A VRT reading ``layer``'s raw scratch file, georeferenced as the tile."""
+        grid, pixels = self.sink.tiling.grid, self.pixels[layer.stem]
+        height, width = pixels.shape[1:]
+        size = pixels.dtype.itemsize
+
+        def add_raw(band: ET.Element, number: int) -> None:
+            ET.SubElement(band, "SourceFilename", relativeToVRT="1").text = f"{layer.stem}.raw"
+            ET.SubElement(band, "ImageOffset").text = str((number - 1) * height * width * size)
+            ET.SubElement(band, "PixelOffset").text = str(size)
+            ET.SubElement(band, "LineOffset").text = str(width * size)
+            ET.SubElement(band, "ByteOrder").text = "LSB"
+
+        transform = grid.transform @ Affine.translation(self.window.col_off, self.window.row_off)
+        root = layer_vrt(width, height, grid.crs, transform, layer, add_raw, "VRTRawRasterBand")
+        return write_vrt_file(root, self.scratch / f"{layer.stem}.vrt")
+
     def publish(self) -> int:
-        """Each layer's scratch file → COG under a temporary name → its final name; returns patches."""
+        """Each layer's scratch → COG under a temporary name → its final name; returns patches."""
         sink = self.sink
-        for layer in sink.layers:
-            scratch = self.files[layer.stem]
-            scratch.descriptions = tuple(layer.descriptions)
-            scratch.update_tags(bands=",".join(layer.descriptions))
-            scratch.close()
         try:
             if self.records is not None:  # before the layers: a tile with all layers is done
                 self.records.close()
                 sink.publish_file(self.records.path, records_file_name(sink.stem, sink.tiling, self.tile))
             for layer in sink.layers:
+                self.pixels[layer.stem].flush()
+                source = self._raw_vrt(layer)
                 name = tile_file_name(sink.stem, layer, sink.tiling, self.tile)
                 partial = self.scratch / f"{name}.partial"
                 options = cog_options(layer, sink.compression, sink.compression_level, sink.overviews)
-                rasterio.shutil.copy(self.scratch / f"{layer.stem}.tif", partial, driver="COG", **options)
+                with GDAL_IO.writing():
+                    rasterio.shutil.copy(source, partial, driver="COG", **options)
                 sink.publish_file(partial, name)
         finally:
+            self.pixels = {}
             shutil.rmtree(self.scratch, ignore_errors=True)
         return self.written
 
     def discard(self) -> None:
-        for scratch in self.files.values():
-            scratch.close()
+        self.pixels = {}
         if self.records is not None:
             self.records.close()
         shutil.rmtree(self.scratch, ignore_errors=True)
@@ -225,7 +251,7 @@ class WriteMapTiles(beam.DoFn):
     # encoding with the model, but GDAL's shared block cache can flush one thread's dirty scratch
     # blocks from another thread while it writes them (seen losing patches with a read-ahead
     # thread, tests/test_kernel_margin.py), so it stays off until a scratch-free tile writer exists.
-    WRITE_BEHIND = 0
+    WRITE_BEHIND = 1
 
     def __init__(
         self,

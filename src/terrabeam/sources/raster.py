@@ -28,6 +28,7 @@ from rasterio.windows import Window
 from terrabeam import NAMESPACE
 from terrabeam.config import PipelineConfig
 from terrabeam.errors import GridMismatchError, InputError
+from terrabeam.gdal_threads import GDAL_IO
 from terrabeam.grid import Grid, PatchKey
 from terrabeam.layout import ExportManifest, ShardedWriter, manifest_path, mixer_path
 from terrabeam.progress import Progress
@@ -260,7 +261,8 @@ class RasterPatchReader:
         window = Window(first * pw, row * ph, (last - first) * pw + kw, ph + kh)
         bands: dict[str, np.ndarray] = {}
         valid_all = None
-        reads = self._pool.map(_BandReader.read, self.readers, [window] * len(self.readers))
+        with GDAL_IO.reading():  # no GDAL file is written meanwhile (gdal_threads)
+            reads = list(self._pool.map(_BandReader.read, self.readers, [window] * len(self.readers)))
         for reader, (values, valid) in zip(self.readers, reads, strict=True):
             bands[reader.name] = values
             valid_all = valid if valid_all is None else valid_all & valid
@@ -334,10 +336,9 @@ def export_rasters(config: PipelineConfig, out_dir: Path) -> ExportResult:
 class _ReadTilePatches(beam.DoFn):
     """Tile number → (PatchKey, {band: patch}) for every patch of the tile, read on the worker.
 
-    Blocks are read in the bundle's thread (the bands of a block in parallel). A read-ahead thread
-    overlapped reading with the model, but GDAL's shared block cache then flushed the tile
-    writer's dirty scratch blocks from the reading thread while the bundle thread wrote them, and
-    patches went missing from the map (tests/test_kernel_margin.py caught it, ~1 run in 3).
+    The next block of patches is read in a background thread while the current one flows on to
+    the model, so reading overlaps the model on one machine (both release the GIL); the tile
+    writer's GDAL work waits for it (gdal_threads).
     """
 
     def __init__(self, config: PipelineConfig, grid: Grid, tiling: Tiling) -> None:
@@ -348,15 +349,21 @@ class _ReadTilePatches(beam.DoFn):
 
     def setup(self) -> None:
         self._reader = RasterPatchReader(self.config, self.grid, self.config.grid.kernel_size)
+        self._ahead = ThreadPoolExecutor(max_workers=1)
 
     def process(self, tile: int) -> Iterator[tuple[PatchKey, dict[str, np.ndarray]]]:
         blocks = self.tiling.patch_rows(tile)
-        for block in blocks:
-            for index, patch in self._reader.read_block(*block):
+        pending = self._ahead.submit(self._reader.read_block, *blocks[0]) if blocks else None
+        for number in range(len(blocks)):
+            patches = pending.result()
+            if number + 1 < len(blocks):
+                pending = self._ahead.submit(self._reader.read_block, *blocks[number + 1])
+            for index, patch in patches:
                 self.patches_read.inc()
                 yield PatchKey(index, 0, index), patch
 
     def teardown(self) -> None:
+        self._ahead.shutdown()
         self._reader.close()
 
 
