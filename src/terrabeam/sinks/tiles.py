@@ -242,15 +242,14 @@ class WriteMapTiles(beam.DoFn):
     input, (tile, [(PatchKey, bands)]) after a GroupByKey, serves sources whose order differs.
     With ``WRITE_BEHIND`` > 0 a complete tile is encoded and published in a background thread while
     the next tile's patches go through the model (at most that many wait; the bundle ends only when
-    all are published); it is 0, see below.
+    all are published).
     Without ``overviews`` the tiles are COGs of full resolution only: for a map whose single COG,
     assembled from the tiles, carries the overviews (they cost about 2/3 of a tile's encoding).
     """
 
-    # 0: each tile is published in the bundle's thread. A background writer (1) overlapped the COG
-    # encoding with the model, but GDAL's shared block cache can flush one thread's dirty scratch
-    # blocks from another thread while it writes them (seen losing patches with a read-ahead
-    # thread, tests/test_kernel_margin.py), so it stays off until a scratch-free tile writer exists.
+    # One tile encoded behind the model: ~1.4x faster whole runs with the light model (I/O-bound),
+    # no gain with the U-Net (model-bound; BENCHMARKS.md). Safe since the scratch is raw memory-
+    # mapped files and tile encoding waits for GDAL reads elsewhere (gdal_threads).
     WRITE_BEHIND = 1
 
     def __init__(
