@@ -29,7 +29,7 @@ STAGES = {
     "tile COGs: encode + publish": ("sinks/tiles.py", "publish"),
     "mosaic: single COG from the tiles": ("sinks/mosaic.py", "write_single_cog"),
     "mosaic: VRT": ("sinks/mosaic.py", "write_vrt"),
-    "quicklook PNG": ("sinks/mosaic.py", "write_quicklook"),
+    "quicklook PNG": ("sinks/quicklook.py", "write_quicklook"),
 }
 
 

@@ -15,6 +15,24 @@ from affine import Affine
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "demo"
 DEMO_CONFIG = REPO / "examples" / "sentinel2-cloudmask.yaml"
+RUN_TAGS = ("TERRABEAM_RUN", "TERRABEAM_CONFIG_HASH")  # differ between runs of equal maps
+
+
+def assert_same_map(made: Path, expected: Path) -> None:
+    """Two map COGs of different runs are the same map: pixels, profile, overviews, colour table,
+    band names and tags, all but the tags naming the run and its config."""
+    with rasterio.open(made) as a, rasterio.open(expected) as b:
+        profile_a, profile_b = dict(a.profile), dict(b.profile)
+        nodata = profile_a.pop("nodata"), profile_b.pop("nodata")
+        assert profile_a == profile_b and np.array_equal(*nodata, equal_nan=True), made.name
+        np.testing.assert_array_equal(a.read(), b.read(), err_msg=made.name)
+        assert a.overviews(1) == b.overviews(1) and a.descriptions == b.descriptions, made.name
+        if a.profile["dtype"] == "uint8":
+            assert a.colormap(1) == b.colormap(1), made.name
+        tags_a, tags_b = a.tags(), b.tags()
+        for tag in RUN_TAGS:
+            assert tags_a.pop(tag) and tags_b.pop(tag), f"{made.name}: {tag} missing"
+        assert tags_a == tags_b, made.name
 
 
 @pytest.fixture(scope="session")

@@ -183,7 +183,7 @@ def test_status_lists_only_outputs_that_still_exist(tmp_path, tiny_pipeline, cap
     assert main(["status", "r", "--workspace", str(tmp_path / "ws"), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert str(quicklook) not in status["outputs"] and status["outputs_gone"] == [str(quicklook)]
-    assert len(status["outputs"]) == 4  # the VRT and single COG of classes and of probabilities
+    assert len(status["outputs"]) == 6  # VRT + single COG of classes and probabilities, 2 STAC Items
     assert main(["status", "r", "--workspace", str(tmp_path / "ws")]) == 0
     table = capsys.readouterr().out
     assert str(quicklook) not in table and "(1 recorded output(s) no longer exist)" in table

@@ -49,15 +49,22 @@ def test_outputs_and_summary(demo_run):
         for ext in ("tif", "vrt")
     ]
     shards = ["predictions-00000.tfrecord.gz", "predictions-00001.tfrecord.gz"]
-    files = sorted([*maps, "sentinel2-cloudmask-quicklook.png", *shards])
+    items = ["sentinel2-cloudmask.item.json", "sentinel2-cloudmask-model.item.json"]
+    files = sorted([*maps, "sentinel2-cloudmask-quicklook.png", *shards, *items])
     files += ["predictions-manifest.json", "predictions-mixer.json"]
-    assert names == sorted([*files, "tiles"])
+    # GDAL's sidecars: the class names beside the class COG, the quicklook's world file and CRS
+    sidecars = ["sentinel2-cloudmask-classes.tif.aux.xml", "sentinel2-cloudmask-quicklook.png.aux.xml"]
+    sidecars += ["sentinel2-cloudmask-quicklook.wld"]
+    assert names == sorted([*files, *sidecars, "tiles"])
     tiles = sorted(p.name for p in (deliver / "tiles").iterdir())
-    assert tiles == [
-        f"sentinel2-cloudmask-{layer}-r0000c000{col}.tif"
-        for layer in ("classes", "probabilities")
-        for col in (0, 1)
-    ]
+    assert tiles == sorted(
+        [
+            f"sentinel2-cloudmask-{layer}-r0000c000{col}.tif"
+            for layer in ("classes", "probabilities")
+            for col in (0, 1)
+        ]
+        + [f"sentinel2-cloudmask-classes-r0000c000{col}.tif.aux.xml" for col in (0, 1)]
+    )
     assert summary["patches"] == 8 and summary["pixels"] == 768 * 384
     assert summary["patches_skipped"] == summary["steps"]["map"]["patches_skipped"] == 0  # full swath
     assert set(summary["seconds"]) == {"validate", "map", "total"}  # one pipeline: rasters → model → tiles

@@ -126,7 +126,13 @@ def test_regression_per_pixel_writes_named_float_bands(tmp_path, tiny_pipeline):
     }
     assert main(["run", str(write(doc)), "--run", "r"]) == 0
     deliver = tmp_path / "ws" / "r" / "deliver"
-    assert sorted(p.name for p in deliver.iterdir()) == ["tiles", "tiny-values.tif", "tiny-values.vrt"]
+    assert sorted(p.name for p in deliver.iterdir()) == [
+        "tiles",
+        "tiny-model.item.json",
+        "tiny-values.tif",
+        "tiny-values.vrt",
+        "tiny.item.json",
+    ]
     stack = []
     for band in ("red", "green", "nir"):
         with rasterio.open(document["source"]["bands"][band]["path"]) as ds:

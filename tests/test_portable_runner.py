@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from conftest import assert_same_map
 from test_beam_local import PROCESSES, is_loopback, listening_sockets
 
 import terrabeam
@@ -202,7 +203,7 @@ def test_local_worker_processes_write_the_same_shards(tmp_path, tiny_pipeline):
 def test_whole_run_on_portable_runner_reads_rasters_and_writes_tiles_in_the_workers(tmp_path, tiny_pipeline):
     """`terrabeam run` of a raster config is one pipeline: the pool's SDK workers warp the rasters'
     windows and publish the map tiles; the launcher only plans the grid and makes the mosaic. The
-    maps are the in-process run's, byte for byte."""
+    maps are the in-process run's (pixels, profile and tags but the run's own)."""
     document, write = tiny_pipeline
     document["outputs"]["tile_size"] = 32  # 70 × 50 px in tiles of 2 × 2 patches of 32 × 16: 3 × 2 tiles
     assert main(["run", str(write()), "--run", "local"]) == 0
@@ -231,11 +232,14 @@ def test_whole_run_on_portable_runner_reads_rasters_and_writes_tiles_in_the_work
     assert len(names) == 2 + 2 * 6
     assert sorted(p.relative_to(deliver) for p in deliver.rglob("*.tif")) == names
     for name in names:
-        assert (deliver / name).read_bytes() == (local / name).read_bytes(), name
+        assert_same_map(deliver / name, local / name)
 
     opens = _traced_opens(tmp_path)
     parents = {o.pid: o.parent for o in opens}
-    tiles = [o for o in opens if o.mode == "rename" and o.path.parent.name == "tiles"]
+    published = [o for o in opens if o.mode == "rename" and o.path.parent.name == "tiles"]
+    tiles = [o for o in published if o.path.suffix == ".tif"]
+    sidecars = [o for o in published if o.path.name.endswith(".tif.aux.xml")]  # the class tiles' names
+    assert len(sidecars) == 6 and {parents[o.pid] for o in sidecars} == {worker_pool}
     assert len(tiles) == 2 * 6 and {parents[o.pid] for o in tiles} == {worker_pool}, (
         "tiles not by the workers"
     )

@@ -48,6 +48,24 @@ class BandFile(_Strict):
     offset: float = 0.0
 
 
+def check_derived(bands: list[str], derived: dict[str, str]) -> None:
+    """Derived bands (numexpr expressions) may use source bands and derived bands before them."""
+    known = list(bands)
+    for name, expression in derived.items():
+        if name in bands:
+            raise ValueError(f"derived band {name!r} has the name of a source band")
+        try:
+            used = numexpr.necompiler.getExprNames(expression, {})[0]
+        except Exception as exc:  # numexpr raises several types for bad syntax
+            raise ValueError(f"derived.{name}: cannot parse {expression!r} ({exc})") from None
+        unknown = sorted(set(used) - set(known))
+        if unknown:
+            raise ValueError(
+                f"derived.{name}: {expression!r} uses unknown band(s) {unknown}; known before it: {known}"
+            )
+        known.append(name)
+
+
 class RasterSource(_Strict):
     """Export from local or remote GDAL-readable rasters (GeoTIFF, COG, JPEG2000, …)."""
 
@@ -62,20 +80,7 @@ class RasterSource(_Strict):
 
     @model_validator(mode="after")
     def _derived_use_known_bands(self) -> RasterSource:
-        known = list(self.bands)
-        for name, expression in self.derived.items():
-            if name in self.bands:
-                raise ValueError(f"derived band {name!r} has the name of a source band")
-            try:
-                used = numexpr.necompiler.getExprNames(expression, {})[0]
-            except Exception as exc:  # numexpr raises several types for bad syntax
-                raise ValueError(f"derived.{name}: cannot parse {expression!r} ({exc})") from None
-            unknown = sorted(set(used) - set(known))
-            if unknown:
-                raise ValueError(
-                    f"derived.{name}: {expression!r} uses unknown band(s) {unknown}; known before it: {known}"
-                )
-            known.append(name)
+        check_derived(list(self.bands), self.derived)
         return self
 
     @property
@@ -315,6 +320,9 @@ class ModelConfig(_Strict):
     )
     framework: Framework = "onnx"
     name: str | None = Field(None, description="model name recorded with outputs (default: file name)")
+    architecture: str | None = Field(
+        None, description="recorded in the model's STAC Item (mlm:architecture), e.g. U-Net"
+    )
     version: str | None = Field(
         None, description="model version recorded with outputs (default: a hash of the model file)"
     )
@@ -537,6 +545,15 @@ class OutputsConfig(_Strict):
     class_map: bool = True
     probabilities: bool = True
     quicklook: bool = True
+    quicklook_rgb: list[str] | None = Field(
+        None,
+        description="three source bands (red, green, blue) drawn under the classes in the quicklook; "
+        "default: bands named red, green, blue if the source has them; [] for none",
+    )
+    quicklook_stretch: tuple[float, float] | None = Field(
+        None, description="band values shown as black and white; default: each band's 2nd–98th percentile"
+    )
+    quicklook_opacity: float = Field(0.5, ge=0, le=1, description="of the classes over the imagery")
     colors: dict[str, str] = Field(default_factory=dict, description="class → '#rrggbb'")
     tile_size: int = Field(
         2048,
@@ -674,20 +691,39 @@ class PipelineConfig(_Strict):
                 "the earthengine source or sink needs an 'earthengine:' section (project, staging)"
             )
         if self.source.kind == "earthengine":
+            kind = self.source.kind
+            a_kind = f"an {kind}" if kind == "earthengine" else f"a {kind}"
             missing = [n for n in ("crs", "resolution") if getattr(self.grid, n) is None]
             if self.grid.region.bbox is None and self.grid.region.geojson is None:
                 missing.append("region")
             if missing:
-                raise ValueError(f"an earthengine source needs grid.{', grid.'.join(missing)}")
+                raise ValueError(f"{a_kind} source needs grid.{', grid.'.join(missing)}")
             if self.grid.align == "source":
                 raise ValueError(
-                    "grid.align: source means the first band's pixel edges, and an earthengine source "
+                    f"grid.align: source means the first band's pixel edges, and {a_kind} source "
                     "has no band file; use origin (the default: what crsTransform expects) or [x0, y0]"
                 )
         unknown = sorted(set(self.outputs.colors) - set(self.model.classes or []))
         if unknown:
             raise ValueError(f"outputs.colors names {unknown}, not in model.classes {self.model.classes}")
+        rgb = self.outputs.quicklook_rgb
+        if rgb:
+            if len(rgb) != 3:
+                raise ValueError(f"outputs.quicklook_rgb needs three bands (red, green, blue), got {rgb}")
+            files = list(self.source.bands) if self.source.kind == "raster" else []
+            if any(band not in files for band in rgb):
+                raise ValueError(
+                    f"outputs.quicklook_rgb {rgb}: the imagery is read from the source's band files; "
+                    f"bands with files: {files}"
+                )
         return self
+
+    def quicklook_bands(self) -> list[str]:
+        """The source bands under the quicklook's classes (none where the source has no files)."""
+        if self.outputs.quicklook_rgb is not None:
+            return list(self.outputs.quicklook_rgb)
+        files = self.source.bands if self.source.kind == "raster" else {}
+        return ["red", "green", "blue"] if all(b in files for b in ("red", "green", "blue")) else []
 
     def locate(self, path: str) -> str:
         """A path from the file made absolute against the file's directory; a URI (gs://, s3://,

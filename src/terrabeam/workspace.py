@@ -113,9 +113,12 @@ def replace_folder(folder: Path, final: Path) -> None:
 class Workspace:
     """One run's folder inside a workspace root."""
 
-    def __init__(self, root: Path, run_id: str, remote: str | None = None) -> None:
+    def __init__(
+        self, root: Path, run_id: str, remote: str | None = None, window: tuple[str, str] | None = None
+    ) -> None:
         self.root = root
         self.run_id = run_id
+        self.window = window  # the run's [start, end) as ISO dates, if it has one (recorded in maps)
         self.run_dir = root / run_id
         self.remote = remote
 

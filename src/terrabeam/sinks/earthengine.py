@@ -11,7 +11,6 @@ a resumed run) never creates a second task or asset.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 from terrabeam.config import PipelineConfig
 from terrabeam.earthengine import EarthEngineError, connect, request_id
 from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path
+from terrabeam.provenance import Provenance
 from terrabeam.storage import copy_file, join
 
 
@@ -63,13 +63,13 @@ def image_manifest(
     end: datetime,
 ) -> dict[str, Any]:
     """The ImageManifest of one prediction image (field names of the Earth Engine REST API)."""
-    model = config.model
+    made = Provenance.of(config, run_id)
     properties: dict[str, Any] = {
-        "pipeline": config.name,
-        "model": model.name or Path(model.path).name,
-        "model_version": model.version or model_fingerprint(config),
-        "run_id": run_id,
-        "config_hash": config.fingerprint(),
+        "pipeline": made.pipeline,
+        "model": made.model,
+        "model_version": made.model_version,
+        "run_id": made.run_id,
+        "config_hash": made.config_hash,
     }
     properties.update(config.outputs.earthengine.properties)
     return {
@@ -88,19 +88,6 @@ def image_manifest(
         "endTime": _timestamp(end),
         "properties": properties,
     }
-
-
-def model_fingerprint(config: PipelineConfig) -> str:
-    """A short hash of the model file (of every file, for a model folder)."""
-    from terrabeam.storage import local_copy
-
-    path = local_copy(config.locate(config.model.path))
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if file.exists():
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:12]
 
 
 def _timestamp(moment: datetime) -> str:

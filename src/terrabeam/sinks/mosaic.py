@@ -1,6 +1,6 @@
 """The mosaic over a map's tiles, made where the run was launched once every tile is written: a GDAL
 VRT per layer (metadata only: it is built from the tiling, not from the pixels), one COG per layer
-assembled from the tiles when the region is small enough, and the quicklook PNG."""
+assembled from the tiles when the region is small enough (the quicklook: sinks/quicklook.py)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,19 @@ import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import numpy as np
 import rasterio
 import rasterio.shutil
-from PIL import Image, ImageDraw, ImageFont
-from rasterio.enums import Resampling
 
 from terrabeam.sinks.tiles import MapLayer, cog_options, tile_file_name
 from terrabeam.sinks.vrt import GDAL_TYPES, layer_vrt, write_vrt_file
 from terrabeam.tiling import Tiling
 
-QUICKLOOK_MAX_SIDE = 1024
 TILES_FOLDER = "tiles"
-DEFAULT_COLORS = ["#1b9e77", "#f0f0f0", "#4b3f9e", "#d95f02", "#e7298a", "#66a61e", "#e6ab02", "#a6761d"]
 
 
-def write_vrt(path: Path, stem: str, layer: MapLayer, tiling: Tiling) -> Path:
+def write_vrt(
+    path: Path, stem: str, layer: MapLayer, tiling: Tiling, tags: dict[str, str] | None = None
+) -> Path:
     """A VRT of the layer's tiles (``tiles/…`` relative to ``path``), written under a temporary name
     and renamed into place."""
     grid = tiling.grid
@@ -49,7 +46,9 @@ def write_vrt(path: Path, stem: str, layer: MapLayer, tiling: Tiling) -> Path:
             ET.SubElement(source, "SrcRect", xOff="0", yOff="0", **size)
             ET.SubElement(source, "DstRect", xOff=str(window.col_off), yOff=str(window.row_off), **size)
 
-    root = layer_vrt(tiling.region_width, tiling.region_height, grid.crs, grid.transform, layer, add_tiles)
+    root = layer_vrt(
+        tiling.region_width, tiling.region_height, grid.crs, grid.transform, layer, add_tiles, tags=tags
+    )
     return write_vrt_file(root, path)
 
 
@@ -57,54 +56,20 @@ def write_single_cog(
     vrt: Path, path: Path, stem: str, layer: MapLayer, tiling: Tiling, compression: tuple[str, int | None]
 ) -> Path:
     """One COG of the whole layer with overviews: its only tile itself (a hard link, no second
-    encoding), or assembled from the tiles through the VRT."""
+    encoding), or assembled from the tiles through the VRT. GDAL's sidecar (``.aux.xml``: the class
+    names) goes with it, in place before the COG."""
     partial = path.with_name(f".{path.name}.partial")
+    sidecar = partial.with_name(f"{partial.name}.aux.xml")
     partial.unlink(missing_ok=True)
+    sidecar.unlink(missing_ok=True)
     if tiling.count == 1:
-        os.link(
-            vrt.parent
-            / TILES_FOLDER
-            / tile_file_name(path.name.removesuffix(f"-{layer.stem}.tif"), layer, tiling, 0),
-            partial,
-        )
+        tile = vrt.parent / TILES_FOLDER / tile_file_name(stem, layer, tiling, 0)
+        os.link(tile, partial)
+        if tile.with_name(f"{tile.name}.aux.xml").exists():
+            os.link(tile.with_name(f"{tile.name}.aux.xml"), sidecar)
     else:
         rasterio.shutil.copy(vrt, partial, driver="COG", **cog_options(layer, *compression))
+    if sidecar.exists():
+        os.replace(sidecar, path.with_name(f"{path.name}.aux.xml"))
     os.replace(partial, path)
     return path
-
-
-def _hex_to_rgb(color: str) -> tuple[int, int, int]:
-    value = color.lstrip("#")
-    return int(value[0:2], 16), int(value[2:4], 16), int(value[4:6], 16)
-
-
-def class_colors(classes: list[str], colors: dict[str, str]) -> list[str]:
-    """The configured colour of each class, else one of the built-in palette."""
-    return [colors.get(c, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i, c in enumerate(classes)]
-
-
-def write_quicklook(class_map: Path, target: Path, classes: list[str], colors: list[str]) -> Path:
-    """A PNG of the class map (at most 1024 px a side) with a legend strip underneath."""
-    with rasterio.open(class_map) as ds:
-        scale = max(1, int(np.ceil(max(ds.width, ds.height) / QUICKLOOK_MAX_SIDE)))
-        shape = (max(1, ds.height // scale), max(1, ds.width // scale))
-        labels = ds.read(1, out_shape=shape, resampling=Resampling.nearest)
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    for i, color in enumerate(colors):
-        palette[i] = _hex_to_rgb(color)
-    rgb = palette[labels]
-    font = ImageFont.load_default()
-    legend_height = 24
-    image = Image.new("RGB", (rgb.shape[1], rgb.shape[0] + legend_height), "white")
-    image.paste(Image.fromarray(rgb), (0, 0))
-    draw = ImageDraw.Draw(image)
-    x = 6
-    for name, color in zip(classes, colors, strict=True):
-        y = rgb.shape[0] + 6
-        draw.rectangle([x, y, x + 12, y + 12], fill=_hex_to_rgb(color), outline="black")
-        draw.text((x + 16, y), name, fill="black", font=font)
-        x += 16 + int(draw.textlength(name, font=font)) + 14
-    partial = target.with_name(f".{target.name}.partial")
-    image.save(partial, format="PNG")
-    os.replace(partial, target)
-    return target

@@ -48,6 +48,16 @@ class MapLayer:
     nodata: float
     resampling: str
     descriptions: list[str]
+    categories: tuple[str, ...] = ()  # class names by pixel value (GDAL category names)
+    colors: tuple[str, ...] = ()  # '#rrggbb' by pixel value (the COG's colour table)
+
+
+DEFAULT_COLORS = ["#1b9e77", "#f0f0f0", "#4b3f9e", "#d95f02", "#e7298a", "#66a61e", "#e6ab02", "#a6761d"]
+
+
+def class_colors(classes: Sequence[str], colors: dict[str, str]) -> list[str]:
+    """The configured colour of each class, else one of the built-in palette."""
+    return [colors.get(c, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i, c in enumerate(classes)]
 
 
 def map_layers(config: PipelineConfig, bands: Sequence[str]) -> list[MapLayer]:
@@ -58,7 +68,10 @@ def map_layers(config: PipelineConfig, bands: Sequence[str]) -> list[MapLayer]:
         resampling = "average" if model.regression_dtype.startswith("float") else "nearest"
         return [MapLayer("values", list(bands), model.regression_dtype, nodata, resampling, list(bands))]
     classes = [band.removeprefix("prob_") for band in bands if band.startswith("prob_")]
-    layers = [MapLayer("classes", ["class"], "uint8", CLASS_NODATA, "mode", ["class"])]
+    colors = tuple(class_colors(classes, config.outputs.colors))
+    layers = [
+        MapLayer("classes", ["class"], "uint8", CLASS_NODATA, "mode", ["class"], tuple(classes), colors)
+    ]
     if config.outputs.probabilities:
         prob_bands = [f"prob_{c}" for c in classes]
         layers.append(MapLayer("probabilities", prob_bands, "float32", float("nan"), "average", classes))
@@ -192,7 +205,8 @@ class _TileFile:
 
     def _raw_vrt(self, layer: MapLayer) -> Path:
         """A VRT reading ``layer``'s raw scratch file, georeferenced as the tile."""
-        grid, pixels = self.sink.tiling.grid, self.pixels[layer.stem]
+        sink = self.sink
+        grid, pixels = sink.tiling.grid, self.pixels[layer.stem]
         height, width = pixels.shape[1:]
         size = pixels.dtype.itemsize
 
@@ -204,7 +218,7 @@ class _TileFile:
             ET.SubElement(band, "ByteOrder").text = "LSB"
 
         transform = grid.transform @ Affine.translation(self.window.col_off, self.window.row_off)
-        root = layer_vrt(width, height, grid.crs, transform, layer, add_raw, "VRTRawRasterBand")
+        root = layer_vrt(width, height, grid.crs, transform, layer, add_raw, "VRTRawRasterBand", sink.tags)
         return write_vrt_file(root, self.scratch / f"{layer.stem}.vrt")
 
     def publish(self) -> int:
@@ -222,6 +236,9 @@ class _TileFile:
                 options = cog_options(layer, sink.compression, sink.compression_level, sink.overviews)
                 with GDAL_IO.writing():
                     rasterio.shutil.copy(source, partial, driver="COG", **options)
+                sidecar = partial.with_name(f"{partial.name}.aux.xml")  # GDAL's: class names
+                if sidecar.exists():  # before the COG: a tile whose COG exists is done
+                    sink.publish_file(sidecar, f"{name}.aux.xml")
                 sink.publish_file(partial, name)
         finally:
             self.pixels = {}
@@ -263,9 +280,11 @@ class WriteMapTiles(beam.DoFn):
         grouped: bool = False,
         with_records: bool = False,
         overviews: bool = True,
+        tags: dict[str, str] | None = None,
     ) -> None:
         self.out_dir = out_dir
         self.overviews = overviews
+        self.tags = dict(tags or {})
         self.with_records = with_records
         self.compression, self.compression_level = compression
         self.stem = stem
@@ -378,10 +397,11 @@ class WriteMap(beam.PTransform):
         group_by_tile: bool,
         with_records: bool = False,
         overviews: bool = True,
+        tags: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.sink = WriteMapTiles(
-            out_dir, stem, layers, tiling, polygon, compression, group_by_tile, with_records, overviews
+            out_dir, stem, layers, tiling, polygon, compression, group_by_tile, with_records, overviews, tags
         )
         self.group_by_tile = group_by_tile
 

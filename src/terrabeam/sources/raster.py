@@ -23,7 +23,7 @@ from rasterio.crs import CRS
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
-from rasterio.windows import Window
+from rasterio.windows import Window, from_bounds
 
 from terrabeam import NAMESPACE
 from terrabeam.config import PipelineConfig
@@ -287,6 +287,53 @@ class RasterPatchReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_overview(
+    config: PipelineConfig,
+    bands: list[str],
+    crs: object,
+    transform: Affine,
+    size: tuple[int, int],
+    shape: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source ``bands`` over the region (``size`` = width × height pixels at ``transform``),
+    averaged down to ``shape`` (height, width): (bands, h, w) float32 scaled values and where every
+    band is valid. A band in the region's CRS is read decimated (GDAL uses its overviews); any
+    other is warped. For the quicklook's imagery, not for the model."""
+    width, height = size
+    target = transform * Affine.scale(width / shape[1], height / shape[0])
+    values, valid = [], np.ones(shape, bool)
+    for name in bands:
+        spec = config.source.bands[name]
+        with open_band(config, name) as ds:
+            nodata = (
+                config.source.nodata if config.source.nodata is not None else ds.nodatavals[spec.band - 1]
+            )
+            if CRS.from_user_input(crs) == ds.crs:
+                left, top = transform * (0, 0)
+                right, bottom = transform * (width, height)
+                window = from_bounds(left, bottom, right, top, ds.transform)
+                kwargs = {"window": window, "out_shape": shape, "boundless": True}
+                raw = ds.read(spec.band, out_dtype="float32", resampling=Resampling.average, **kwargs)
+                seen = ds.read_masks(spec.band, **kwargs) > 0
+            else:
+                with WarpedVRT(
+                    ds,
+                    crs=crs,
+                    transform=target,
+                    width=shape[1],
+                    height=shape[0],
+                    resampling=Resampling.average,
+                    src_nodata=nodata,
+                    nodata=nodata,
+                    add_alpha=nodata is None,
+                ) as vrt:
+                    raw = vrt.read(spec.band, out_dtype="float32")
+                    seen = (vrt.read(vrt.count) if nodata is None else vrt.read_masks(spec.band)) > 0
+        values.append(raw * np.float32(spec.scale) + np.float32(spec.offset))
+        valid &= seen
+    return np.stack(values), valid
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,16 @@ from terrabeam.layout import ExportManifest, manifest_path, mixer_path, shard_na
 from terrabeam.predict.models import forget_probed
 from terrabeam.predict.pipeline import pipeline_flags
 from terrabeam.progress import published_progress
+from terrabeam.provenance import Provenance
 from terrabeam.region import projected_geometry
-from terrabeam.sinks.mosaic import TILES_FOLDER, class_colors, write_quicklook, write_single_cog, write_vrt
+from terrabeam.sinks.mosaic import TILES_FOLDER, write_single_cog, write_vrt
+from terrabeam.sinks.quicklook import Backdrop, QuicklookStyle, write_quicklook
 from terrabeam.sinks.shards import AssembleShard, records_per_shard, shard_ranges
+from terrabeam.sinks.stac_items import write_items
 from terrabeam.sinks.tiles import (
     MapLayer,
     WriteMap,
+    class_colors,
     finished_tiles,
     map_layers,
     records_file_name,
@@ -90,6 +94,7 @@ def write_map(
     remote_tiles: str | None = None,
     group_by_tile: bool = False,
     with_records: bool = False,
+    derived_from: Sequence[str] = (),
 ) -> MapResult:
     """Run ``source`` → map tiles for the tiles not yet written, then the mosaic; publish ``deliver/``.
 
@@ -98,10 +103,13 @@ def write_map(
     they are fetched for the mosaic. ``group_by_tile``: the source spreads a tile's patches over
     bundles when its records are spread over workers. ``with_records``: also Earth Engine-layout
     prediction shards + mixer + manifest, assembled from the tiles' records by a second pipeline.
+    ``derived_from``: hrefs of the source's STAC Items, linked from the map's Item.
     """
     start = time.perf_counter()
     stem = config.name
     layers = map_layers(config, bands)
+    made = Provenance.of(config, workspace.run_id, workspace.window)
+    tags = made.tags()
     flags = pipeline_flags(config, beam_args)
     spread = config.predict.should_reshuffle(flags)
     work = workspace.work_dir("deliver")
@@ -133,6 +141,7 @@ def write_map(
             group_by_tile and spread,
             with_records,
             overviews=tile_overviews(config, tiling),
+            tags=tags,
         )
         pattern = re.compile(rf"^{re.escape(stem)}-{re.escape(layers[-1].stem)}-r\d+c\d+\.tif$")
 
@@ -156,7 +165,8 @@ def write_map(
             raise RecordCountError(f"map: {len(todo)} tiles to write, but the pipeline wrote {written}")
     if remote_tiles:
         _fetch_tiles(remote_tiles, tiles_dir, stem, layers, tiling)
-    outputs = _mosaic(config, work, tiling, layers)
+    outputs = _mosaic(config, work, tiling, layers, made)
+    outputs += write_items(config, work, made, tiling, layers, outputs, derived_from)
     if with_records:
         outputs += _assemble_shards(config, work, tiling, bands, flags, remote_tiles)
     (work / ".source").unlink()
@@ -216,6 +226,8 @@ def _fetch_tiles(remote: str, tiles_dir: Path, stem: str, layers: list[MapLayer]
         for layer in layers:
             name = tile_file_name(stem, layer, tiling, tile)
             if not (tiles_dir / name).exists():
+                if layer.categories:  # GDAL's sidecar with the class names
+                    copy_file(f"{remote}/{name}.aux.xml", str(tiles_dir / f"{name}.aux.xml"))
                 copy_file(f"{remote}/{name}", str(tiles_dir / name))
 
 
@@ -230,7 +242,9 @@ def tile_overviews(config: PipelineConfig, tiling: Tiling) -> bool:
     return tiling.count == 1 or not single_file(config, tiling)
 
 
-def _mosaic(config: PipelineConfig, work: Path, tiling: Tiling, layers: list[MapLayer]) -> list[Path]:
+def _mosaic(
+    config: PipelineConfig, work: Path, tiling: Tiling, layers: list[MapLayer], made: Provenance
+) -> list[Path]:
     """VRT per layer, one COG per layer if the region is small enough, the quicklook; the COGs and
     the quicklook are made side by side in threads (GDAL releases the GIL; on 2 cores ~1.4× faster
     than one after another, BENCHMARKS.md)."""
@@ -238,12 +252,13 @@ def _mosaic(config: PipelineConfig, work: Path, tiling: Tiling, layers: list[Map
     stem = config.name
     single = single_file(config, tiling)
     compression = (outputs.compression, outputs.compression_level)
+    tags = made.tags()
     written: list[Path] = []
     jobs = []
     class_map = None
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for layer in layers:
-            vrt = write_vrt(work / f"{stem}-{layer.stem}.vrt", stem, layer, tiling)
+            vrt = write_vrt(work / f"{stem}-{layer.stem}.vrt", stem, layer, tiling, tags)
             if layer.stem == "classes":
                 class_map = vrt
                 if not outputs.class_map:
@@ -253,9 +268,34 @@ def _mosaic(config: PipelineConfig, work: Path, tiling: Tiling, layers: list[Map
                 target = work / f"{stem}-{layer.stem}.tif"
                 jobs.append(pool.submit(write_single_cog, vrt, target, stem, layer, tiling, compression))
         if outputs.quicklook and class_map is not None:
-            classes = list(config.model.output_names)
             path = work / f"{stem}-quicklook.png"
-            colors = class_colors(classes, outputs.colors)
-            jobs.append(pool.submit(write_quicklook, class_map, path, classes, colors))
+            jobs.append(pool.submit(write_quicklook, class_map, path, *_quicklook(config, tiling, made)))
     written.extend(job.result() for job in jobs)  # all have ended; the first error is raised
     return written
+
+
+def _quicklook(
+    config: PipelineConfig, tiling: Tiling, made: Provenance
+) -> tuple[QuicklookStyle, Backdrop | None]:
+    """The quicklook's look, and the source imagery under it (raster sources with RGB bands)."""
+    classes = list(config.model.output_names)
+    window = "/".join(made.window) if made.window else "no window"
+    style = QuicklookStyle(
+        classes,
+        class_colors(classes, config.outputs.colors),
+        f"{made.pipeline} · run {made.run_id} · {window}",
+        config.outputs.quicklook_opacity,
+        config.outputs.quicklook_stretch,
+    )
+    bands = config.quicklook_bands()
+    if not bands:
+        return style, None
+    grid = tiling.grid
+    size = (tiling.region_width, tiling.region_height)
+
+    def backdrop(shape: tuple[int, int]) -> tuple:
+        from terrabeam.sources.raster import read_overview
+
+        return read_overview(config, bands, grid.crs, grid.transform, size, shape)
+
+    return style, backdrop

@@ -1,0 +1,299 @@
+"""STAC out: an Item for each delivered map, and one for the model that made it.
+
+``<name>.item.json`` describes the map: the true region's geometry, the run's window, the COGs (or
+VRTs over the tiles), the quicklook as thumbnail, ``proj:`` / ``raster:`` / ``classification:``
+fields, ``processing:`` and ``terrabeam:`` provenance, ``derived_from`` links to the model's Item
+and to the source Items. ``<name>-model.item.json`` describes the model with the MLM extension
+(name, architecture, task, framework, input bands, outputs). Assets are linked relative to the
+Items, so the folder can move as a whole. Written with pystac; valid under the extensions' own
+schemas (tests/stac_schemas, tests/test_stac_out.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pystac
+from rasterio.crs import CRS
+from rasterio.warp import transform_geom
+
+from terrabeam import __version__
+from terrabeam.config import PipelineConfig
+from terrabeam.provenance import Provenance
+from terrabeam.region import projected_geometry
+from terrabeam.sinks.tiles import MapLayer, class_colors
+from terrabeam.tiling import Tiling
+
+EXTENSIONS = {
+    "proj": "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
+    "raster": "https://stac-extensions.github.io/raster/v1.1.0/schema.json",
+    "classification": "https://stac-extensions.github.io/classification/v1.1.0/schema.json",
+    "processing": "https://stac-extensions.github.io/processing/v1.2.0/schema.json",
+    "mlm": "https://stac-extensions.github.io/mlm/v1.4.0/schema.json",
+}
+COG = "image/tiff; application=geotiff; profile=cloud-optimized"
+FRAMEWORKS = {
+    "onnx": "ONNX",
+    "tensorflow": "TensorFlow",
+    "torch": "PyTorch",
+    "sklearn": "scikit-learn",
+    "lightgbm": "LightGBM",
+}
+
+
+def item_file_name(stem: str) -> str:
+    return f"{stem}.item.json"
+
+
+def model_item_file_name(stem: str) -> str:
+    return f"{stem}-model.item.json"
+
+
+def _footprint(config: PipelineConfig, tiling: Tiling) -> dict[str, Any]:
+    """The true region in lon/lat: the configured polygon, else the region's rectangle."""
+    grid = tiling.grid
+    polygon = projected_geometry(config, "EPSG:4326")
+    if polygon is not None:
+        return polygon
+    t = grid.transform
+    corners = [t * (0, 0), t * (tiling.region_width, 0), t * (tiling.region_width, tiling.region_height)]
+    corners += [t * (0, tiling.region_height), t * (0, 0)]
+    rectangle = {"type": "Polygon", "coordinates": [[list(c) for c in corners]]}
+    return transform_geom(grid.crs, "EPSG:4326", rectangle)
+
+
+def _bbox(geometry: dict[str, Any]) -> list[float]:
+    def points(coordinates: Any) -> list[tuple[float, float]]:
+        if isinstance(coordinates[0], (int, float)):
+            return [tuple(coordinates[:2])]
+        return [p for part in coordinates for p in points(part)]
+
+    xs, ys = zip(*points(geometry["coordinates"]), strict=True)
+    return [min(xs), min(ys), max(xs), max(ys)]
+
+
+def _window(made: Provenance) -> tuple[datetime, datetime] | None:
+    if not made.window:
+        return None
+    start, end = (datetime.fromisoformat(w) for w in made.window)
+    return tuple(d if d.tzinfo else d.replace(tzinfo=UTC) for d in (start, end))  # type: ignore[return-value]
+
+
+def _proj_fields(tiling: Tiling) -> dict[str, Any]:
+    crs = CRS.from_user_input(tiling.grid.crs)
+    t = tiling.grid.transform
+    fields: dict[str, Any] = {
+        "proj:transform": [t.a, t.b, t.c, t.d, t.e, t.f],
+        "proj:shape": [tiling.region_height, tiling.region_width],
+    }
+    epsg = crs.to_epsg()
+    fields |= {"proj:code": f"EPSG:{epsg}"} if epsg else {"proj:code": None, "proj:wkt2": crs.to_wkt()}
+    return fields
+
+
+def _class_list(layer: MapLayer) -> list[dict[str, Any]]:
+    return [
+        {"value": value, "name": name, "description": name, "color_hint": color.lstrip("#").upper()}
+        for value, (name, color) in enumerate(zip(layer.categories, layer.colors, strict=True))
+    ]
+
+
+def _raster_bands(layer: MapLayer, resolution: float) -> list[dict[str, Any]]:
+    nodata: Any = "nan" if layer.nodata != layer.nodata else layer.nodata
+    return [
+        {"data_type": layer.dtype, "nodata": nodata, "spatial_resolution": resolution}
+        for _ in layer.descriptions
+    ]
+
+
+def map_item(
+    config: PipelineConfig,
+    made: Provenance,
+    tiling: Tiling,
+    layers: Sequence[MapLayer],
+    files: Sequence[Path],
+    created: datetime,
+    derived_from: Sequence[str] = (),
+) -> pystac.Item:
+    """The Item of a map whose ``files`` (the deliver folder's) it links relative to the folder."""
+    geometry = _footprint(config, tiling)
+    window = _window(made)
+    properties: dict[str, Any] = {
+        "processing:software": {"terrabeam": __version__},
+        "processing:datetime": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "processing:lineage": f"model {made.model} ({made.framework}, version {made.model_version}) "
+        f"applied patch by patch with terrabeam, pipeline {made.pipeline}",
+        "terrabeam:pipeline": made.pipeline,
+        "terrabeam:run": made.run_id,
+        "terrabeam:config_hash": made.config_hash,
+        "terrabeam:model": made.model,
+        "terrabeam:model_version": made.model_version,
+    }
+    properties |= _proj_fields(tiling)
+    item = pystac.Item(
+        id=f"{made.pipeline}-{made.run_id}",
+        geometry=geometry,
+        bbox=_bbox(geometry),
+        datetime=None if window else created,
+        start_datetime=window[0] if window else None,
+        end_datetime=window[1] if window else None,
+        properties=properties,
+        stac_extensions=[EXTENSIONS[name] for name in ("proj", "raster", "classification", "processing")],
+    )
+    resolution = abs(tiling.grid.transform.a)
+    by_stem = {layer.stem: layer for layer in layers}
+    for path in files:
+        name = path.name
+        for stem, layer in by_stem.items():
+            if name.endswith(f"-{stem}.tif") or name.endswith(f"-{stem}.vrt"):
+                key = stem if name.endswith(".tif") else f"{stem}-vrt"
+                extra: dict[str, Any] = {"raster:bands": _raster_bands(layer, resolution)}
+                extra["bands"] = [{"name": d} for d in layer.descriptions]
+                if layer.categories:
+                    extra["classification:classes"] = _class_list(layer)
+                media = COG if name.endswith(".tif") else "application/xml"
+                title = f"{stem} ({'Cloud-Optimized GeoTIFF' if media == COG else 'GDAL VRT over the tiles'})"
+                item.add_asset(key, pystac.Asset(f"./{name}", title, None, media, ["data"], extra))
+        if name.endswith("-quicklook.png"):
+            item.add_asset(
+                "thumbnail",
+                pystac.Asset(f"./{name}", "quicklook", None, pystac.MediaType.PNG, ["thumbnail", "overview"]),
+            )
+    item.add_link(
+        pystac.Link("derived_from", f"./{model_item_file_name(config.name)}", "application/geo+json")
+    )
+    for source in derived_from:
+        item.add_link(pystac.Link("derived_from", source, "application/geo+json"))
+    return item
+
+
+def model_item(config: PipelineConfig, made: Provenance, created: datetime) -> pystac.Item:
+    """The model's Item (MLM): what it reads and what it gives, with the model file as its asset."""
+    model, grid = config.model, config.grid
+    (width, height), (kw, kh) = grid.patch_size, grid.kernel_size
+    regression = model.output == "regression"
+    tasks = (
+        ["regression"]
+        if regression
+        else ["classification" if model.kind == "per_pixel" else "semantic-segmentation"]
+    )
+    bands = list(model.input_bands)
+    if model.kind == "per_pixel":
+        shape_in, order_in = [-1, len(bands)], ["batch", "channel"]
+        shape_out, order_out = [-1, len(model.output_names)], ["batch", "class"]
+    elif model.layout == "NHWC":
+        shape_in, order_in = (
+            [-1, height + kh, width + kw, len(bands)],
+            ["batch", "height", "width", "channel"],
+        )
+        shape_out, order_out = (
+            [-1, height + kh, width + kw, len(model.output_names)],
+            ["batch", "height", "width", "class"],
+        )
+    else:
+        shape_in, order_in = (
+            [-1, len(bands), height + kh, width + kw],
+            ["batch", "channel", "height", "width"],
+        )
+        shape_out, order_out = (
+            [-1, len(model.output_names), height + kh, width + kw],
+            ["batch", "class", "height", "width"],
+        )
+    model_input: dict[str, Any] = {
+        "name": "patch",
+        "bands": bands,
+        "input": {"shape": shape_in, "dim_order": order_in, "data_type": "float32"},
+    }
+    if model.normalization is not None and model.normalization.mean is not None:
+        norm = model.normalization
+        model_input["value_scaling"] = [
+            {"type": "z-score", "mean": m, "stddev": s} for m, s in zip(norm.mean, norm.std, strict=True)
+        ]
+    output: dict[str, Any] = {
+        "name": "values" if regression else "classes",
+        "tasks": tasks,
+        "result": {"shape": shape_out, "dim_order": order_out, "data_type": "float32"},
+    }
+    if not regression:
+        colors = dict(zip(model.output_names, _model_colors(config), strict=True))
+        output["classification:classes"] = [
+            {"value": i, "name": name, "description": name, "color_hint": colors[name].lstrip("#").upper()}
+            for i, name in enumerate(model.output_names)
+        ]
+    name = made.model if _mlm_name(made.model) else f"model-{made.model_version}"
+    properties: dict[str, Any] = {
+        "mlm:name": name,
+        "mlm:architecture": model.architecture or "unspecified",
+        "mlm:tasks": tasks,
+        "mlm:framework": FRAMEWORKS[model.framework],
+        "mlm:input": [model_input],
+        "mlm:output": [output],
+        "mlm:batch_size_suggestion": model.batch_size,
+        "bands": [{"name": band} for band in bands],
+        "terrabeam:model_version": made.model_version,
+    }
+    item = pystac.Item(
+        id=f"{name}-{made.model_version}",
+        geometry=None,
+        bbox=None,
+        datetime=created,
+        properties=properties,
+        stac_extensions=[EXTENSIONS["mlm"]],
+    )
+    location = config.locate(model.path)
+    href = location if "://" in location else Path(location).as_uri()
+    item.add_asset(
+        "model",
+        pystac.Asset(
+            href,
+            f"{made.model} ({made.framework})",
+            None,
+            None,
+            ["mlm:model"],
+            # STAC 1.1 allows the Item's bands only where an asset has bands: the model reads them
+            {"mlm:artifact_type": model.framework, "bands": [{"name": band} for band in bands]},
+        ),
+    )
+    return item
+
+
+def _mlm_name(name: str) -> bool:
+    return re.fullmatch(r"[a-zA-Z][a-zA-Z0-9_.\-\s]+[a-zA-Z0-9]", name) is not None
+
+
+def _model_colors(config: PipelineConfig) -> list[str]:
+    return class_colors(config.model.output_names, config.outputs.colors)
+
+
+def write_items(
+    config: PipelineConfig,
+    work: Path,
+    made: Provenance,
+    tiling: Tiling,
+    layers: Sequence[MapLayer],
+    files: Sequence[Path],
+    derived_from: Sequence[str] = (),
+    created: datetime | None = None,
+) -> list[Path]:
+    """The map's and the model's Items in ``work`` (the deliver folder being made), each written
+    under a temporary name and renamed into place."""
+    created = created or datetime.now(UTC).replace(microsecond=0)
+    written = []
+    for item, name in (
+        (model_item(config, made, created), model_item_file_name(config.name)),
+        (map_item(config, made, tiling, layers, files, created, derived_from), item_file_name(config.name)),
+    ):
+        path = work / name
+        partial = path.with_name(f".{name}.partial")
+        partial.write_text(
+            json.dumps(item.to_dict(include_self_link=False, transform_hrefs=False), indent=2) + "\n"
+        )
+        os.replace(partial, path)
+        written.append(path)
+    return written
