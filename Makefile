@@ -4,8 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DATA   := data/demo/.complete
+# PostgreSQL + PostGIS for the STAC API tests, as APT_PACKAGES in tests/stac_services.py
+PG_APT := postgresql postgresql-postgis
 
-.PHONY: demo test test-slow fuzz bench example-landcover clean
+.PHONY: demo test postgis test-slow fuzz bench example-landcover clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +21,15 @@ $(DATA): examples/demo-data.txt examples/fetch_demo_data.py | $(STAMP)  # refetc
 demo: $(STAMP) $(DATA)  ## fetch the real scene + model, run export → predict → deliver
 	$(VENV)/bin/terrabeam run examples/sentinel2-cloudmask.yaml
 
-test: $(STAMP) $(DATA)  ## lint and run the test suite
+postgis: | $(STAMP)  ## PostgreSQL + PostGIS for the STAC API tests: apt-get (as root) only when missing
+	@$(PY) tests/stac_services.py check 2>/dev/null || { \
+	  [ "$$(id -u)" = 0 ] || { $(PY) tests/stac_services.py check; exit 1; }; \
+	  echo "installing PostgreSQL + PostGIS: apt-get install $(PG_APT)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $(PG_APT) >/dev/null && \
+	  $(PY) tests/stac_services.py check; }
+
+test: $(STAMP) $(DATA) postgis  ## lint and run the test suite
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(PY) -m pytest
 

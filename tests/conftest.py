@@ -1,14 +1,18 @@
-"""Shared fixtures: the real demo data, the protobuf oracle, and small synthetic rasters."""
+"""Shared fixtures: the real demo data, the protobuf oracle, small synthetic rasters, and a real STAC
+API with asset servers on 127.0.0.1 (tests/stac_services.py)."""
 
 from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+import stac_services
 import yaml
 from affine import Affine
 
@@ -50,6 +54,27 @@ def landsat_scene(demo_data) -> Path:
     if not (folder / "test_MTL.txt").exists():
         pytest.fail("Landsat sample missing: run `make test` (or python examples/fetch_demo_data.py)")
     return folder
+
+
+@pytest.fixture(scope="session")
+def stac_api() -> Iterator[str]:
+    """URL of a real STAC API on 127.0.0.1, for the session: stac-fastapi-pgstac with transactions over
+    a PostgreSQL + PostGIS + pgstac of its own (tests/stac_services.py; fill it with its `load`)."""
+    try:
+        bindir = stac_services.postgres_bindir()
+    except stac_services.PostgisMissing as error:
+        hint = f"Run `make test` (it installs them), or as root: apt-get install {stac_services.APT_PACKAGES}"
+        raise pytest.fail.Exception(f"{error}. {hint}", pytrace=False) from None
+    with stac_services.stac_server(bindir) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def asset_server() -> Iterator[Callable[[Path], str]]:
+    """serve(directory) -> base URL on 127.0.0.1 of the files under directory, with HTTP Range
+    requests (for GDAL's /vsicurl/); the servers stop at the end of the session."""
+    with ExitStack() as servers:
+        yield lambda directory: servers.enter_context(stac_services.asset_server(directory))
 
 
 @pytest.fixture(scope="session")
