@@ -33,3 +33,15 @@ def test_landcover_example_validates_with_its_keras_model(tmp_path, demo_data, c
 
 def test_cloudmask_demo_validates(demo_copy, capsys):
     assert main(["validate", str(demo_copy)]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["stac-earth-search.yaml", "stac-planetary-computer.yaml"])
+def test_stac_examples_are_valid_configs(name):
+    """The STAC walkthrough's configs load (the services they name are not reachable here)."""
+    from terrabeam.config import load_config
+    from terrabeam.region import stated_grid
+
+    config = load_config(EXAMPLES / name)
+    assert config.source.kind == "stac" and config.schedule is not None
+    grid, region = stated_grid(config)
+    assert region.width > 0 and grid.crs == config.grid.crs

@@ -463,6 +463,9 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
     if args.command == "run":
         runner = Runner(config, root, remote=remote)
         record = runner.run(args.run_id, args.window, beam_args, args.force, not args.no_wait)
+        if record.status == "no_data":
+            print(f"run {record.id}: no data ({record.error}); nothing delivered")
+            return 0
         print(json.dumps(record.outputs, indent=2))
         summary = f"{Workspace(root, record.id, remote).location}/summary.json"
         print(f"run {record.id}: {record.status}; summary: {summary}")

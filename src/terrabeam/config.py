@@ -160,6 +160,82 @@ class EarthEngineSource(_Strict):
         return [*self.bands, *self.derived]
 
 
+class StacBand(_Strict):
+    """One band from each STAC Item: an asset (by key) and the band inside it; value = raw × scale
+    + offset."""
+
+    asset: str = Field(description="asset key in the Items, e.g. B04 or red")
+    band: int = Field(1, ge=1, description="1-based band index inside the asset's file")
+    scale: float = 1.0
+    offset: float = 0.0
+
+
+class StacMask(_Strict):
+    """Per-Item cloud mask from a mask asset (read with nearest resampling): a pixel is masked where
+    the asset's value is one of ``classes`` (e.g. Sentinel-2 SCL 3, 8, 9, 10) or has one of
+    ``bits`` set (e.g. Landsat QA_PIXEL 1–4), and where the asset has no data."""
+
+    asset: str = Field(description="asset key of the mask, e.g. scl or qa_pixel")
+    classes: list[int] = Field(default_factory=list, description="mask values that are masked")
+    bits: list[int] = Field(default_factory=list, description="bit numbers that mask a pixel when set")
+
+    @model_validator(mode="after")
+    def _something_masked(self) -> StacMask:
+        if not self.classes and not self.bits:
+            raise ValueError("source.mask needs classes or bits (which pixels it masks)")
+        if any(not 0 <= bit < 64 for bit in self.bits):
+            raise ValueError(f"source.mask.bits {self.bits}: bit numbers are 0–63")
+        return self
+
+
+class StacSource(_Strict):
+    """Items of a STAC API search or a static catalog, composited onto the grid per window: the
+    run's window as the search's datetime, the grid's region as its geometry."""
+
+    kind: Literal["stac"]
+    api: str | None = Field(
+        None, description="STAC API root URL, e.g. https://earth-search.aws.element84.com/v1"
+    )
+    catalog: str | None = Field(None, description="static catalog.json (path or URL) instead of an API")
+    collections: list[str] = Field(default_factory=list, description="collection ids to search")
+    query: dict[str, Any] | None = Field(
+        None, description="property filters, STAC API query syntax: {eo:cloud_cover: {lt: 20}}"
+    )
+    filter: str | dict[str, Any] | None = Field(
+        None, description="CQL2 filter (text or JSON) for APIs with the Filter extension"
+    )
+    bands: dict[str, StacBand] = Field(min_length=1, description="band name → asset of each Item")
+    derived: dict[str, str] = Field(
+        default_factory=dict, description="band name → numexpr expression over other bands"
+    )
+    mask: StacMask | None = None
+    reducer: Literal["median", "mean", "first", "latest"] = Field(
+        "median",
+        description="how Items are combined per pixel (masked pixels left out): median, mean, the "
+        "earliest valid (first) or the most recent valid (latest)",
+    )
+    max_items: int = Field(100, ge=1, description="at most this many Items per window (newest first)")
+    sign: str | None = Field(
+        None,
+        description="'module:function' applied to each Item before reading (signed URLs), "
+        "e.g. planetary_computer:sign",
+    )
+    nodata: float | None = Field(None, description="raw value meaning 'no data' (default: the file's)")
+    fill_value: float = Field(0.0, description="value given to pixels no Item covers")
+    resampling: Resampling = "bilinear"
+
+    @model_validator(mode="after")
+    def _one_place(self) -> StacSource:
+        if (self.api is None) == (self.catalog is None):
+            raise ValueError("a stac source needs either api (a STAC API) or catalog (a static catalog)")
+        check_derived(list(self.bands), self.derived)
+        return self
+
+    @property
+    def band_names(self) -> list[str]:
+        return [*self.bands, *self.derived]
+
+
 class EarthEngineConfig(_Strict):
     """Access to Earth Engine and the Cloud Storage folder its tasks read and write."""
 
@@ -602,6 +678,11 @@ class ScheduleConfig(_Strict):
         "latest",
         description="windows that closed while no scheduler ran: run all of them, only the latest, or none",
     )
+    wait_for_data: bool = Field(
+        False,
+        description="a window whose source had no imagery (no_data) is run again at each later look, "
+        "until it has some; false: no data closes the window",
+    )
 
     @field_validator("cron")
     @classmethod
@@ -653,14 +734,16 @@ class DeployConfig(_Strict):
 def _source_kind(value: Any) -> str:
     """``source.kind`` picks the source model; a source without ``kind`` is a raster source."""
     kind = value.get("kind", "raster") if isinstance(value, dict) else getattr(value, "kind", "raster")
-    return kind if kind in ("raster", "earthengine") else "raster"
+    return kind if kind in ("raster", "earthengine", "stac") else "raster"
 
 
 class PipelineConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     workspace: str = "workspace"
     source: Annotated[
-        Annotated[RasterSource, Tag("raster")] | Annotated[EarthEngineSource, Tag("earthengine")],
+        Annotated[RasterSource, Tag("raster")]
+        | Annotated[EarthEngineSource, Tag("earthengine")]
+        | Annotated[StacSource, Tag("stac")],
         Discriminator(_source_kind),
     ]
     earthengine: EarthEngineConfig | None = None
@@ -690,7 +773,7 @@ class PipelineConfig(_Strict):
             raise ValueError(
                 "the earthengine source or sink needs an 'earthengine:' section (project, staging)"
             )
-        if self.source.kind == "earthengine":
+        if self.source.kind in ("earthengine", "stac"):
             kind = self.source.kind
             a_kind = f"an {kind}" if kind == "earthengine" else f"a {kind}"
             missing = [n for n in ("crs", "resolution") if getattr(self.grid, n) is None]
@@ -703,6 +786,10 @@ class PipelineConfig(_Strict):
                     f"grid.align: source means the first band's pixel edges, and {a_kind} source "
                     "has no band file; use origin (the default: what crsTransform expects) or [x0, y0]"
                 )
+        if self.source.kind == "stac" and self.outputs.earthengine is not None:
+            raise ValueError(
+                "outputs.earthengine with a stac source is not supported: its maps are delivered as files"
+            )
         unknown = sorted(set(self.outputs.colors) - set(self.model.classes or []))
         if unknown:
             raise ValueError(f"outputs.colors names {unknown}, not in model.classes {self.model.classes}")

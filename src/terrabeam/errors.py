@@ -42,6 +42,11 @@ class WorkspaceError(TerrabeamError):
     """The run workspace cannot be created or written."""
 
 
+class NoDataError(TerrabeamError):
+    """The run's window has no imagery (a STAC search found no Items): nothing to predict. The run is
+    recorded as ``no_data``, not as failed; a schedule looks again if ``schedule.wait_for_data``."""
+
+
 class TransientError(TerrabeamError):
     """A failure worth retrying: network trouble, HTTP 429/5xx, a lost worker."""
 

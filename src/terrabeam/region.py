@@ -150,3 +150,17 @@ def _coordinates(geometry: dict):
             yield item[:2]
         else:
             stack.extend(item)
+
+
+def stated_grid(config: PipelineConfig) -> tuple[Grid, TargetRegion]:
+    """The patch grid (padded) and the true region of a source without band files (Earth Engine,
+    STAC), from ``grid.crs``, ``resolution``, ``region`` and
+    ``align`` (multiples of the resolution unless an explicit ``[x0, y0]``: there is no band file whose
+    edges ``source`` could mean)."""
+    grid_config = config.grid
+    crs = CRS.from_user_input(grid_config.crs)
+    resolution = grid_config.resolution
+    res = resolution if isinstance(resolution, tuple) else (resolution, resolution)
+    region = snap(crs, res, region_bounds(config, crs), anchor(grid_config.align or "origin", None))
+    grid = Grid.covering(region.crs, region.transform, region.width, region.height, grid_config.patch_size)
+    return grid, region

@@ -16,14 +16,13 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from rasterio.crs import CRS
-
 from terrabeam.config import EarthEngineSource, PipelineConfig, TimeWindow
 from terrabeam.earthengine import EarthEngineError, connect, request_id
 from terrabeam.errors import ConfigError, GridMismatchError, InputError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, find_export, manifest_path
-from terrabeam.region import TargetRegion, anchor, region_bounds, region_geometry, snap
+from terrabeam.region import region_geometry
+from terrabeam.region import stated_grid as export_grid
 from terrabeam.storage import copy_file, join, list_files
 from terrabeam.tfrecord import count_records
 
@@ -34,19 +33,6 @@ LANDSAT_C2_BITS = 0b11111
 S2_SCL_MASKED = [0, 1, 3, 8, 9, 10]
 # Sentinel-2 QA60: bit 10 opaque clouds, bit 11 cirrus.
 S2_QA60_BITS = (1 << 10) | (1 << 11)
-
-
-def export_grid(config: PipelineConfig) -> tuple[Grid, TargetRegion]:
-    """The patch grid (padded) and the true region, from ``grid.crs``, ``resolution``, ``region`` and
-    ``align`` (multiples of the resolution unless an explicit ``[x0, y0]``: there is no band file whose
-    edges ``source`` could mean)."""
-    grid_config = config.grid
-    crs = CRS.from_user_input(grid_config.crs)
-    resolution = grid_config.resolution
-    res = resolution if isinstance(resolution, tuple) else (resolution, resolution)
-    region = snap(crs, res, region_bounds(config, crs), anchor(grid_config.align or "origin", None))
-    grid = Grid.covering(region.crs, region.transform, region.width, region.height, grid_config.patch_size)
-    return grid, region
 
 
 def composite_window(

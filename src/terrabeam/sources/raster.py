@@ -8,10 +8,11 @@ kernel margin), so memory does not depend on the scene's size.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import apache_beam as beam
@@ -232,6 +233,41 @@ def _direct_read(
     return _DirectRead(round(col), round(row), factor, resampling)
 
 
+def block_window(grid: Grid, kernel: tuple[int, int], row: int, first: int, last: int) -> Window:
+    """The padded grid's window of patches ``first``..``last - 1`` of patch row ``row``, margins
+    included."""
+    kw, kh = kernel
+    pw, ph = grid.patch_width, grid.patch_height
+    return Window(first * pw, row * ph, (last - first) * pw + kw, ph + kh)
+
+
+def block_patches(
+    grid: Grid, kernel: tuple[int, int], row: int, first: int, last: int, bands: dict[str, np.ndarray]
+) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """A block's bands cut into its patches (views, margins overlapping): (grid index, bands)."""
+    kw = kernel[0]
+    pw = grid.patch_width
+    patches = []
+    for col in range(first, last):
+        x0 = (col - first) * pw
+        patches.append(
+            (row * grid.patches_per_row + col, {n: v[:, x0 : x0 + pw + kw] for n, v in bands.items()})
+        )
+    return patches
+
+
+def add_derived(
+    bands: dict[str, np.ndarray], derived: dict[str, str], valid: np.ndarray, fill: float
+) -> None:
+    """Derived bands (numexpr over the bands before them) into ``bands``; ``fill`` where a source
+    band is invalid or the expression is not finite."""
+    for name, expression in derived.items():
+        with np.errstate(all="ignore"):
+            values = numexpr.evaluate(expression, local_dict=dict(bands)).astype(np.float32)
+        values[~valid | ~np.isfinite(values)] = np.float32(fill)
+        bands[name] = values
+
+
 class RasterPatchReader:
     """Every source band on the padded grid, read a block of patches at a time (the bands of a block
     in parallel threads: GDAL releases the GIL while it reads and warps), with derived bands."""
@@ -252,13 +288,9 @@ class RasterPatchReader:
             self._stack.close()
             raise
 
-    def read_block(self, row: int, first: int, last: int) -> list[tuple[int, dict[str, np.ndarray]]]:
-        """(grid index, {band: (H + kh, W + kw) float32}) of patches ``first``..``last - 1`` of patch
-        row ``row``; the arrays are views into one block."""
-        grid, config = self.grid, self.config
-        kw, kh = self.kernel
-        pw, ph = grid.patch_width, grid.patch_height
-        window = Window(first * pw, row * ph, (last - first) * pw + kw, ph + kh)
+    def read_window(self, window: Window) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """({band: (h, w) float32}, valid in every band) of the source bands over ``window`` of the
+        padded grid; invalid pixels hold the fill value."""
         bands: dict[str, np.ndarray] = {}
         valid_all = None
         with GDAL_IO.reading():  # no GDAL file is written meanwhile (gdal_threads)
@@ -266,18 +298,16 @@ class RasterPatchReader:
         for reader, (values, valid) in zip(self.readers, reads, strict=True):
             bands[reader.name] = values
             valid_all = valid if valid_all is None else valid_all & valid
-        for name, expression in config.source.derived.items():
-            with np.errstate(all="ignore"):
-                derived = numexpr.evaluate(expression, local_dict=dict(bands)).astype(np.float32)
-            derived[~valid_all | ~np.isfinite(derived)] = np.float32(config.source.fill_value)
-            bands[name] = derived
-        patches = []
-        for col in range(first, last):
-            x0 = (col - first) * pw
-            patches.append(
-                (row * grid.patches_per_row + col, {n: v[:, x0 : x0 + pw + kw] for n, v in bands.items()})
-            )
-        return patches
+        assert valid_all is not None
+        return bands, valid_all
+
+    def read_block(self, row: int, first: int, last: int) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """(grid index, {band: (H + kh, W + kw) float32}) of patches ``first``..``last - 1`` of patch
+        row ``row``; the arrays are views into one block."""
+        bands, valid = self.read_window(block_window(self.grid, self.kernel, row, first, last))
+        source = self.config.source
+        add_derived(bands, source.derived, valid, source.fill_value)
+        return block_patches(self.grid, self.kernel, row, first, last, bands)
 
     def close(self) -> None:
         self._stack.close()
@@ -388,14 +418,13 @@ class _ReadTilePatches(beam.DoFn):
     writer's GDAL work waits for it (gdal_threads).
     """
 
-    def __init__(self, config: PipelineConfig, grid: Grid, tiling: Tiling) -> None:
-        self.config = config
-        self.grid = grid
+    def __init__(self, open_reader: Callable[[], RasterPatchReader], tiling: Tiling) -> None:
+        self.open_reader = open_reader  # a reader of blocks: rasters, or a STAC source's Items
         self.tiling = tiling
         self.patches_read = beam.metrics.Metrics.counter(NAMESPACE, "patches_read")
 
     def setup(self) -> None:
-        self._reader = RasterPatchReader(self.config, self.grid, self.config.grid.kernel_size)
+        self._reader = self.open_reader()
         self._ahead = ThreadPoolExecutor(max_workers=1)
 
     def process(self, tile: int) -> Iterator[tuple[PatchKey, dict[str, np.ndarray]]]:
@@ -415,22 +444,26 @@ class _ReadTilePatches(beam.DoFn):
 
 
 class ReadRasterPatches(beam.PTransform):
-    """The patches of the given tiles, read from the configured rasters by the workers.
+    """The patches of the given tiles, read from the configured rasters by the workers (or by
+    ``open_reader``'s reader: the STAC source reads its Items' assets the same way).
 
     Tile numbers are the unit of work: with ``reshuffle`` they are spread over the runner's workers
     first, and every patch of a tile stays on the worker that read it (no patch is shuffled).
     """
 
-    def __init__(self, config: PipelineConfig, grid: Grid, tiling: Tiling, tiles: list[int], reshuffle: bool):
+    def __init__(
+        self,
+        config: PipelineConfig,
+        grid: Grid,
+        tiling: Tiling,
+        tiles: list[int],
+        reshuffle: bool,
+        open_reader: Callable[[], RasterPatchReader] | None = None,
+    ):
         super().__init__()
-        self.config, self.grid, self.tiling, self.tiles, self.reshuffle = (
-            config,
-            grid,
-            tiling,
-            tiles,
-            reshuffle,
-        )
+        self.tiling, self.tiles, self.reshuffle = tiling, tiles, reshuffle
+        self.open_reader = open_reader or partial(RasterPatchReader, config, grid, config.grid.kernel_size)
 
     def expand(self, pipeline: beam.pvalue.PBegin) -> beam.PCollection:
         tiles = pipeline | "Tiles" >> beam.Create(self.tiles, reshuffle=self.reshuffle)
-        return tiles | "ReadTilePatches" >> beam.ParDo(_ReadTilePatches(self.config, self.grid, self.tiling))
+        return tiles | "ReadTilePatches" >> beam.ParDo(_ReadTilePatches(self.open_reader, self.tiling))

@@ -21,6 +21,7 @@ from terrabeam.config import PipelineConfig, WorkflowConfig
 from terrabeam.errors import (
     DiskFullError,
     Interrupted,
+    NoDataError,
     TerrabeamError,
     TransientError,
     WorkspaceError,
@@ -204,6 +205,11 @@ class Runner:
             summary = steps.write_summary(config, workspace, reports, validate_seconds)
         except BaseException as exc:
             interrupt = find_cause(exc, KeyboardInterrupt)
+            empty = find_cause(exc, NoDataError)
+            if empty is not None:  # nothing to predict in this window: not a failure
+                log.warning("run %s: %s", record.id, empty)
+                state.finish_run(record.id, "no_data", error=_one_line(empty))
+                return state.get_run(record.id)
             status, error = ("failed", _one_line(exc)) if interrupt is None else _interrupted(interrupt)
             _record(exc, state, partial(state.finish_run, record.id, status, error=error))
             if interrupt is None:
@@ -237,6 +243,8 @@ class Runner:
                     status, error = _interrupted(interrupt)
                 elif not isinstance(exc, Exception):
                     raise
+                elif find_cause(exc, NoDataError) is not None:
+                    status, error = "no_data", _one_line(exc)
                 else:
                     status = "pending" if is_transient(exc) and attempt < limit else "failed"
                     error = _one_line(exc)

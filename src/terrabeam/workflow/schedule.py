@@ -62,12 +62,14 @@ class Scheduler:
         self.skipped: set[Window] = set()  # missed windows the catch-up policy left out
 
     def delivered(self) -> set[Window]:
+        """Windows done: delivered, or without data unless ``schedule.wait_for_data``."""
+        closed = ("done",) if self.schedule.wait_for_data else ("done", "no_data")
         state = RunState(self.root / "terrabeam.db")
         try:
             return {
                 (r.window_start, r.window_end)
                 for r in state.list_runs()
-                if r.pipeline == self.config.name and r.status == "done" and r.window_start
+                if r.pipeline == self.config.name and r.window_start and r.status in closed
             }
         finally:
             state.close()

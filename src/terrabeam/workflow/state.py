@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS runs (
     config_path TEXT,
     window_start TEXT,
     window_end TEXT,
-    status TEXT NOT NULL,            -- running | done | failed | interrupted
+    status TEXT NOT NULL,            -- running | done | failed | interrupted | no_data
     created REAL NOT NULL,
     finished REAL,
     pixels INTEGER,
@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS steps (
     run_id TEXT NOT NULL REFERENCES runs(id),
     name TEXT NOT NULL,
     position INTEGER NOT NULL,
-    status TEXT NOT NULL,            -- pending | running | done | failed | interrupted
+    status TEXT NOT NULL,            -- pending | running | done | failed | interrupted | no_data
     attempts INTEGER NOT NULL DEFAULT 0,
     started REAL,
     finished REAL,

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import rasterio
 from rasterio.crs import CRS
 
 from terrabeam.config import PipelineConfig
-from terrabeam.errors import ConfigError, GridMismatchError, TerrabeamError
+from terrabeam.errors import ConfigError, GridMismatchError, NoDataError, TerrabeamError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path
 from terrabeam.predict.io import DecodeRecord, ReadKeyedRecords
@@ -196,20 +197,36 @@ def _match_work_to(work: Path, export_dir: Path, config: PipelineConfig) -> None
 
 
 def map_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[str] = ()) -> StepReport:
-    """A raster-sourced run in one Beam pipeline: the workers read the rasters' windows, run the
-    model and write map tiles; nothing is materialised between (the model was probed before)."""
-    grid, region = export_grid(config)
-    tiling = Tiling.for_grid(grid, region.width, region.height, config.outputs.tile_size)
+    """A raster- or STAC-sourced run in one Beam pipeline: the workers read the rasters' (or the
+    window's STAC Items') windows, run the model and write map tiles; nothing is materialised
+    between (the model was probed before). A STAC window without Items raises NoDataError."""
     kw, kh = config.grid.kernel_size
+    open_reader, derived_from, found = None, [], None
+    if config.source.kind == "stac":
+        from terrabeam.region import stated_grid
+        from terrabeam.sources.stac import StacPatchReader, search_items
+
+        grid, region = stated_grid(config)
+        items = search_items(config, workspace.window)
+        if not items:
+            window = "/".join(workspace.window) if workspace.window else "any time"
+            raise NoDataError(f"no STAC Items for the region in window {window}; nothing to predict")
+        open_reader = partial(StacPatchReader, config, grid, (kw, kh), items)
+        inputs = "\n".join(f"{item.id} {item.datetime}" for item in items)
+        derived_from = [item.href for item in items if item.href]
+        found = [item.id for item in items]
+    else:
+        grid, region = export_grid(config)
+        inputs = "\n".join(config.locate(band.path) for band in config.source.bands.values())
+    tiling = Tiling.for_grid(grid, region.width, region.height, config.outputs.tile_size)
     remote = remote_io(config, workspace)
     model_path = remote.model if remote else config.locate(config.model.path)
-    inputs = "\n".join(config.locate(band.path) for band in config.source.bands.values())
     threads, _ = model_placement(config, beam_args)
 
     def source(pipeline: beam.Pipeline, tiles: list[int], spread: bool) -> beam.PCollection:
         return (
             pipeline
-            | "ReadRasterPatches" >> ReadRasterPatches(config, grid, tiling, tiles, spread)
+            | "ReadRasterPatches" >> ReadRasterPatches(config, grid, tiling, tiles, spread, open_reader)
             | "Predict"
             >> PredictPatches(
                 config, model_path, grid, (kw // 2, kh // 2), (region.width, region.height), threads
@@ -227,8 +244,12 @@ def map_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[s
             beam_args,
             remote_tiles=remote.tiles if remote else None,
             with_records=config.outputs.tfrecord,
+            derived_from=derived_from,
         )
-    return StepReport("map", result.seconds, result.details(workspace.step_location("deliver")))
+    details = result.details(workspace.step_location("deliver"))
+    if found is not None:
+        details["source_items"] = found
+    return StepReport("map", result.seconds, details)
 
 
 def deliver_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[str] = ()) -> StepReport:
@@ -274,7 +295,7 @@ def deliver_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequen
 def one_pipeline(config: PipelineConfig) -> bool:
     """A raster source with file outputs runs as one pipeline (the map step); an Earth Engine source
     or sink keeps export → predict → deliver with the interchange files between."""
-    return config.source.kind == "raster" and config.outputs.earthengine is None
+    return config.source.kind in ("raster", "stac") and config.outputs.earthengine is None
 
 
 def run_steps(config: PipelineConfig) -> list[str]:
@@ -331,6 +352,10 @@ def find_problems(config: PipelineConfig) -> list[str]:
     One line per problem, naming its field or file."""
     if config.source.kind == "raster":
         problems = _raster_problems(config)
+    elif config.source.kind == "stac":
+        from terrabeam.region import stated_grid
+
+        problems = _problems(stated_grid, config)
     else:
         from terrabeam.sources.earthengine import export_grid as earthengine_grid
 
