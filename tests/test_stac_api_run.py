@@ -191,3 +191,23 @@ def test_scheduled_windows_on_a_real_stac_api(api, tmp_path, demo_data):
     ]
     with rasterio.open(april / "deliver" / "swir-probabilities.tif") as ds:
         assert not np.array_equal(ds.read(), feb_pixels)  # new imagery, a new map
+
+
+def test_outputs_stac_posts_the_map_item_to_the_api(stac_api, tiny_pipeline, tmp_path):
+    """outputs.stac: the run's map Item lands in the API's collection (created on first use) with
+    absolute asset hrefs; posting it again replaces it."""
+    from pystac_client import Client
+
+    from terrabeam.sinks.stac_items import post_item
+
+    document, write = tiny_pipeline
+    document["outputs"]["stac"] = {"api": stac_api, "collection": "terrabeam-maps"}
+    assert main(["run", str(write(document)), "--run", "p1"]) == 0
+    deliver = tmp_path / "ws" / "p1" / "deliver"
+    summary = json.loads((tmp_path / "ws" / "p1" / "summary.json").read_text())
+    url = summary["steps"]["map"]["stac_item"]
+    assert url == f"{stac_api}/collections/terrabeam-maps/items/tiny-p1"
+    [found] = Client.open(stac_api).search(collections=["terrabeam-maps"], ids=["tiny-p1"]).items()
+    assert found.properties["terrabeam:run"] == "p1"
+    assert found.assets["classes"].href == (deliver / "tiny-classes.tif").as_uri()
+    assert post_item(stac_api, "terrabeam-maps", deliver / "tiny.item.json", str(deliver)) == url

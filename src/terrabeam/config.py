@@ -617,6 +617,13 @@ def local_workers(flags: Sequence[str]) -> int | None:
     return workers if runner in ("FnApiRunner", "DirectRunner") else None
 
 
+class StacOutput(_Strict):
+    """A STAC API whose Transactions endpoint receives each run's map Item."""
+
+    api: str = Field(description="STAC API root URL, e.g. http://127.0.0.1:8080")
+    collection: str = Field(description="collection the Items go into (created on first use)")
+
+
 class OutputsConfig(_Strict):
     class_map: bool = True
     probabilities: bool = True
@@ -660,6 +667,9 @@ class OutputsConfig(_Strict):
     )
     earthengine: EarthEngineSink | None = Field(
         None, description="also ingest the predictions into an Earth Engine image collection"
+    )
+    stac: StacOutput | None = Field(
+        None, description="also post the map's STAC Item to a STAC API (Transactions extension)"
     )
 
 

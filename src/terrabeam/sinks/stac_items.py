@@ -25,6 +25,7 @@ from rasterio.warp import transform_geom
 
 from terrabeam import __version__
 from terrabeam.config import PipelineConfig
+from terrabeam.errors import InputError, TransientError
 from terrabeam.provenance import Provenance
 from terrabeam.region import projected_geometry
 from terrabeam.sinks.tiles import MapLayer, class_colors
@@ -297,3 +298,54 @@ def write_items(
         os.replace(partial, path)
         written.append(path)
     return written
+
+
+def post_item(api: str, collection: str, item_path: Path, location: str) -> str:
+    """POST the map's Item (its asset and link hrefs made absolute against ``location``, the
+    published deliver folder) to a STAC API's Transactions endpoint, creating the collection on
+    first use and replacing an Item of the same id; returns the Item's URL there."""
+    import requests
+
+    data = json.loads(item_path.read_text())
+    base = location if "://" in location else Path(location).as_uri()
+    for asset in data["assets"].values():
+        asset["href"] = f"{base}/{asset['href'].removeprefix('./')}"
+    for link in data["links"]:
+        if link["href"].startswith("./"):
+            link["href"] = f"{base}/{link['href'].removeprefix('./')}"
+    data["collection"] = collection
+    root = api.rstrip("/")
+    items = f"{root}/collections/{collection}/items"
+    try:
+        if requests.get(f"{root}/collections/{collection}", timeout=30).status_code == 404:
+            west, south, east, north = data["bbox"]
+            when = data["properties"].get("start_datetime") or data["properties"].get("datetime")
+            created = requests.post(
+                f"{root}/collections",
+                json={
+                    "type": "Collection",
+                    "stac_version": data["stac_version"],
+                    "id": collection,
+                    "description": f"maps of terrabeam pipeline {data['properties']['terrabeam:pipeline']}",
+                    "license": "other",
+                    "extent": {
+                        "spatial": {"bbox": [[west, south, east, north]]},
+                        "temporal": {"interval": [[when, None]]},
+                    },
+                    "links": [],
+                },
+                timeout=30,
+            )
+            created.raise_for_status()
+        response = requests.post(items, json=data, timeout=60)
+        if response.status_code == 409:  # the run's Item from an earlier attempt
+            response = requests.put(f"{items}/{data['id']}", json=data, timeout=60)
+        response.raise_for_status()
+    except requests.HTTPError as exc:  # the API refused it: a config or Item problem, not a blip
+        status = exc.response.status_code if exc.response is not None else None
+        detail = exc.response.text[:300] if exc.response is not None else str(exc)
+        kind = TransientError if status is not None and status >= 500 else InputError
+        raise kind(f"outputs.stac.api: {items} refused Item {data['id']} (HTTP {status}: {detail})") from None
+    except requests.RequestException as exc:
+        raise TransientError(f"outputs.stac.api: cannot reach {items} ({exc})") from None
+    return f"{items}/{data['id']}"

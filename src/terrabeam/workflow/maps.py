@@ -35,7 +35,7 @@ from terrabeam.region import projected_geometry
 from terrabeam.sinks.mosaic import TILES_FOLDER, write_single_cog, write_vrt
 from terrabeam.sinks.quicklook import Backdrop, QuicklookStyle, write_quicklook
 from terrabeam.sinks.shards import AssembleShard, records_per_shard, shard_ranges
-from terrabeam.sinks.stac_items import write_items
+from terrabeam.sinks.stac_items import item_file_name, post_item, write_items
 from terrabeam.sinks.tiles import (
     MapLayer,
     WriteMap,
@@ -60,6 +60,7 @@ class MapResult:
     outputs: list[Path]
     seconds: float
     patches_skipped: int = 0  # by this run's pipeline: cores wholly masked or outside the region
+    stac_item: str | None = None  # where outputs.stac put the map's Item
 
     def details(self, location: str) -> dict[str, Any]:
         grid = self.tiling.grid
@@ -70,7 +71,7 @@ class MapResult:
             "tiles_reused": self.tiles_reused,
             "region_pixels": [self.tiling.region_width, self.tiling.region_height],
             "outputs": [f"{location}/{p.name}" for p in self.outputs],
-        }
+        } | ({"stac_item": self.stac_item} if self.stac_item else {})
 
 
 def _match_work(work: Path, identity: str) -> None:
@@ -171,7 +172,12 @@ def write_map(
         outputs += _assemble_shards(config, work, tiling, bands, flags, remote_tiles)
     (work / ".source").unlink()
     workspace.publish(work, "deliver")
-    return MapResult(tiling, layers, len(done), outputs, time.perf_counter() - start, skipped)
+    posted = None
+    if config.outputs.stac is not None:  # once the assets it links are published
+        target, deliver = config.outputs.stac, workspace.step_dir("deliver")
+        location = workspace.step_location("deliver")
+        posted = post_item(target.api, target.collection, deliver / item_file_name(stem), location)
+    return MapResult(tiling, layers, len(done), outputs, time.perf_counter() - start, skipped, posted)
 
 
 def _assemble_shards(
