@@ -109,7 +109,8 @@ def test_search_by_window_and_query(tmp_path, catalog):
     assert search_items(config, ("2025-01-01", "2025-02-01")) == []
     clear = load_config(_config(tmp_path, catalog, query={"eo:cloud_cover": {"lt": 50}}))
     assert [i.id for i in search_items(clear, None)] == ["d2", "d1"]
-    assert all(Path(href).exists() for item in search_items(config, None) for href in item.assets.values())
+    for item in search_items(config, None):
+        assert Path(item.bands["red"][0]).exists() and item.bands["red"][1] == 1 and Path(item.mask).exists()
 
 
 @pytest.mark.parametrize(
@@ -163,8 +164,23 @@ def test_a_window_without_items_is_no_data(tmp_path, catalog, capsys):
 
 def test_missing_asset_names_the_item(tmp_path, catalog):
     config = load_config(_config(tmp_path, catalog, bands={"red": {"asset": "B04"}}))
-    with pytest.raises(InputError, match=r"STAC Item d3: no asset \['B04'\]"):
+    with pytest.raises(InputError, match=r"STAC Item d3: missing asset 'B04' \(assets: \['red', 'scl'\]\)"):
         search_items(config, None)
+
+
+def test_bands_by_common_name(tmp_path, catalog):
+    """eo:bands (STAC 1.0) or bands with eo:common_name (1.1) on the assets name the bands."""
+    for path in sorted(catalog.parent.rglob("d*.json")):
+        item = pystac.Item.from_file(str(path))
+        item.assets["red"].extra_fields["eo:bands"] = [{"name": "B04", "common_name": "red"}]
+        item.assets["scl"].extra_fields["bands"] = [{"name": "SCL"}]
+        item.save_object(include_self_link=False, dest_href=str(path))
+    config = load_config(_config(tmp_path, catalog, bands={"red": {"common_name": "red", "scale": 1e-4}}))
+    [item] = search_items(config, ("2024-05-01", "2024-05-10"))
+    assert item.bands["red"] == (str(catalog.parent.parent / "d1-red.tif"), 1)
+    missing = load_config(_config(tmp_path, catalog, bands={"red": {"common_name": "coastal"}}))
+    with pytest.raises(InputError, match="missing a band with common name 'coastal'"):
+        search_items(missing, None)
 
 
 def test_asset_hrefs_become_gdal_paths():

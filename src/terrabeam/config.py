@@ -161,13 +161,22 @@ class EarthEngineSource(_Strict):
 
 
 class StacBand(_Strict):
-    """One band from each STAC Item: an asset (by key) and the band inside it; value = raw × scale
-    + offset."""
+    """One band from each STAC Item: an asset by key (and the band inside it), or the asset band
+    with this common name in its eo:bands / bands; value = raw × scale + offset."""
 
-    asset: str = Field(description="asset key in the Items, e.g. B04 or red")
-    band: int = Field(1, ge=1, description="1-based band index inside the asset's file")
+    asset: str | None = Field(None, description="asset key in the Items, e.g. B04 or red")
+    common_name: str | None = Field(
+        None, description="instead of asset: the band's eo:bands common name, e.g. red, nir, swir16"
+    )
+    band: int = Field(1, ge=1, description="1-based band index inside the asset's file (with asset)")
     scale: float = 1.0
     offset: float = 0.0
+
+    @model_validator(mode="after")
+    def _asset_or_common_name(self) -> StacBand:
+        if (self.asset is None) == (self.common_name is None):
+            raise ValueError("a stac band needs either asset (a key) or common_name (from eo:bands)")
+        return self
 
 
 class StacMask(_Strict):

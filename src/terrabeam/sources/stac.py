@@ -2,11 +2,12 @@
 
 Where the run starts, the search — the grid's region as geometry, the run's window as datetime,
 the configured collections, query and filter — gives the window's Items (at most ``max_items``,
-newest first); a window without Items has no data (the map step raises ``errors.NoDataError``: the run is
-recorded as such, not as failed). On the workers, each Item's band assets are read through GDAL (``/vsicurl/`` for
-http(s), ``/vsis3/``, ``/vsigs/``) onto a block of patches with the raster source's reader, its
-mask asset applied, and the Items combined per pixel by the reducer; memory holds one block per
-Item, whatever the region's size.
+newest first); a window without Items has no data (the map step raises ``errors.NoDataError``:
+the run is recorded as such, not as failed). A band is an asset by key, or the asset band whose
+``eo:bands`` (STAC 1.0) or ``bands`` (1.1) entry has the band's common name. On the workers, each
+Item's band assets are read through GDAL (``/vsicurl/`` for http(s), ``/vsis3/``, ``/vsigs/``)
+onto a block of patches with the raster source's reader, its mask asset applied, and the Items
+combined per pixel by the reducer; memory holds one block per Item, whatever the region's size.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from terrabeam.sources.raster import RasterPatchReader, add_derived, block_patch
 
 @dataclass(frozen=True)
 class SourceItem:
-    """What a worker needs of one Item: id, acquisition time, its own href, asset hrefs by key."""
+    """What a worker needs of one Item: id, acquisition time, its own href, where each band is."""
 
     id: str
     datetime: str
     href: str | None
-    assets: dict[str, str]
+    bands: dict[str, tuple[str, int]]  # band name → (asset href, 1-based band in its file)
+    mask: str | None = None  # the mask asset's href
 
 
 def gdal_path(href: str) -> str:
@@ -165,32 +167,59 @@ def _signer(config: PipelineConfig):
         raise InputError(f"source.sign: cannot load {hook} ({exc})") from None
 
 
+def _common_name_band(item: Any, name: str) -> tuple[str, int] | None:
+    """(asset key, 1-based band) of the asset band with common name ``name``: ``eo:bands`` entries'
+    ``common_name`` (STAC 1.0) or ``bands`` entries' ``eo:common_name`` (1.1)."""
+    for key, asset in item.assets.items():
+        fields = asset.extra_fields
+        entries = fields.get("eo:bands") or fields.get("bands") or []
+        for number, entry in enumerate(entries, start=1):
+            if name in (entry.get("common_name"), entry.get("eo:common_name")):
+                return key, number
+    return None
+
+
+def _locate_bands(item: Any, source: Any) -> dict[str, tuple[str, int]]:
+    """Band name → (asset key, band), or an InputError naming the Item and what is missing."""
+    located, missing = {}, []
+    for name, spec in source.bands.items():
+        if spec.asset is not None:
+            if spec.asset in item.assets:
+                located[name] = (spec.asset, spec.band)
+            else:
+                missing.append(f"asset {spec.asset!r}")
+        elif (found := _common_name_band(item, spec.common_name)) is not None:
+            located[name] = found
+        else:
+            missing.append(f"a band with common name {spec.common_name!r}")
+    if source.mask is not None and source.mask.asset not in item.assets:
+        missing.append(f"mask asset {source.mask.asset!r}")
+    if missing:
+        raise InputError(
+            f"STAC Item {item.id}: missing {', '.join(missing)} (assets: {sorted(item.assets)}); "
+            "check source.bands and source.mask"
+        )
+    return located
+
+
 def search_items(config: PipelineConfig, window: tuple[str, str] | None) -> list[SourceItem]:
-    """The window's Items, newest first, at most ``source.max_items``; each must have every band's
-    asset (and the mask's)."""
+    """The window's Items, newest first, at most ``source.max_items``; each must have every band
+    (and the mask asset)."""
     source = config.source
     span = _window_range(window)
     found = _api_items(config, span) if source.api else _catalog_items(config, span)
     found.sort(key=_item_time, reverse=True)
     sign = _signer(config)
-    wanted = [spec.asset for spec in source.bands.values()] + ([source.mask.asset] if source.mask else [])
     items = []
     for item in found[: source.max_items]:
         item = sign(item) or item
-        missing = [key for key in wanted if key not in item.assets]
-        if missing:
-            raise InputError(
-                f"STAC Item {item.id}: no asset {missing} (has {sorted(item.assets)}); check source.bands.*.asset"
-            )
-        self_href = item.get_self_href()
-        items.append(
-            SourceItem(
-                item.id,
-                _item_time(item).isoformat(),
-                self_href,
-                {key: item.assets[key].get_absolute_href() or item.assets[key].href for key in wanted},
-            )
-        )
+
+        def href(key: str, item=item) -> str:
+            return item.assets[key].get_absolute_href() or item.assets[key].href
+
+        bands = {name: (href(key), band) for name, (key, band) in _locate_bands(item, source).items()}
+        mask = href(source.mask.asset) if source.mask is not None else None
+        items.append(SourceItem(item.id, _item_time(item).isoformat(), item.get_self_href(), bands, mask))
     return items
 
 
@@ -230,8 +259,8 @@ class StacPatchReader:
             for item in self.items:
                 bands = {
                     name: BandFile(
-                        path=gdal_path(item.assets[spec.asset]),
-                        band=spec.band,
+                        path=gdal_path(item.bands[name][0]),
+                        band=item.bands[name][1],
                         scale=spec.scale,
                         offset=spec.offset,
                     )
@@ -244,7 +273,7 @@ class StacPatchReader:
                 mask = None
                 if source.mask is not None:
                     mask_source = RasterSource(
-                        bands={"mask": BandFile(path=gdal_path(item.assets[source.mask.asset]))},
+                        bands={"mask": BandFile(path=gdal_path(item.mask))},
                         fill_value=float("nan"),
                         resampling="nearest",
                     )
