@@ -6,7 +6,7 @@ went missing (tests/test_kernel_margin.py, ~1 run in 4; BENCHMARKS.md): a read e
 flushed or dropped a block the writer was filling. In a pipeline, reading a source takes
 ``reading()`` and encoding a tile takes ``writing()``, so no GDAL file is written while another
 thread reads or writes one, and the tile writer keeps its scratch pixels outside GDAL
-(memory-mapped files) until a tile is complete. (The mosaic, after the pipeline, writes its COGs
+(raw files) until a tile is complete. (The mosaic, after the pipeline, writes its COGs
 side by side from finished tiles, as it always has.)
 """
 

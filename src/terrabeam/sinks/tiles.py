@@ -1,8 +1,8 @@
 """The map sink: prediction bands of keyed patches → one Cloud-Optimized GeoTIFF per tile and layer.
 
-A tile's patches are written into raw scratch files, memory-mapped (memory holds what the page cache
-keeps, not the tile; no GDAL call until the tile is complete) and, once the tile's last patch is
-in, each layer becomes a COG through GDAL's COG driver (reading the scratch through a raw VRT),
+A tile's patches are gathered a strip (one patch row of the tile) at a time and written into raw
+scratch files (memory holds a strip per layer, not the tile; no GDAL call until the tile is
+complete) and, once the tile's last patch is in, each layer becomes a COG through GDAL's COG driver (reading the scratch through a raw VRT),
 published atomically: renamed into place in a folder, or uploaded whole to an object store (an
 object appears only complete). A tile is done when every layer's file exists; a resumed run keeps
 done tiles and writes the others again, byte for byte the same.
@@ -112,24 +112,50 @@ def _raw_dtype(layer: MapLayer) -> np.dtype:
     return np.dtype(layer.dtype).newbyteorder("<")
 
 
-def _scratch_pixels(path: Path, dtype: np.dtype, shape: tuple[int, ...], fill: float) -> np.memmap:
-    """A raw scratch file of ``shape`` mapped into memory, filled with ``fill`` (pixels no patch
-    covers stay nodata). Its blocks are allocated first, so a full disk is an OSError naming the
-    file here, not a SIGBUS when a mapped page is first written."""
-    size = int(np.prod(shape)) * dtype.itemsize
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        if hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(fd, 0, size)
-        else:  # no fallocate (macOS): a sparse file
-            os.ftruncate(fd, size)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    finally:
-        os.close(fd)
-    pixels = np.memmap(path, dtype, "r+", shape=shape)
-    pixels[...] = fill
-    return pixels
+class _RawScratch:
+    """One layer's scratch file of a tile: raw (bands, rows, cols) little-endian pixels, written a
+    strip (a patch row of the tile, full width: contiguous per band) at a time with ``pwrite``.
+    Not memory-mapped: the pages stay in the kernel's cache, out of the process's memory. Its blocks
+    are allocated first, so a full disk is an OSError naming the file when the tile starts."""
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, int, int]) -> None:
+        self.path, self.dtype, self.shape = path, dtype, shape
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            size = int(np.prod(shape)) * dtype.itemsize
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(self.fd, 0, size)
+            else:  # no fallocate (macOS): a sparse file
+                os.ftruncate(self.fd, size)
+        except OSError as exc:
+            os.close(self.fd)
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+    def write_rows(self, top: int, pixels: np.ndarray) -> None:
+        """(bands, rows, cols = full width) at tile row ``top``."""
+        bands, height, width = self.shape
+        data = np.ascontiguousarray(pixels, dtype=self.dtype)
+        try:
+            for band in range(bands):
+                offset = (band * height + top) * width * self.dtype.itemsize
+                os.pwrite(self.fd, data[band].tobytes(), offset)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class _Strip:
+    """The rows of one patch row of a tile, filled patch by patch, written when all are in."""
+
+    top: int  # tile row
+    expected: int  # patches
+    pixels: dict[str, np.ndarray]  # layer → (bands, rows, tile width), nodata where not written
+    written: int = 0
 
 
 def _as_dtype(values: np.ndarray, layer: MapLayer) -> np.ndarray:
@@ -142,7 +168,7 @@ def _as_dtype(values: np.ndarray, layer: MapLayer) -> np.ndarray:
 
 
 class _TileFile:
-    """The scratch pixels of one tile being written, a raw memory-mapped file per layer, turned into
+    """The scratch pixels of one tile being written, a raw file per layer, turned into
     COGs when complete."""
 
     def __init__(self, sink: WriteMapTiles, tile: int) -> None:
@@ -152,11 +178,21 @@ class _TileFile:
         self.expected = len(sink.tiling.patches(tile))
         self.written = 0
         self.scratch = Path(tempfile.mkdtemp(prefix="terrabeam-tile-", dir=sink.scratch_root()))
-        self.pixels: dict[str, np.memmap] = {}
-        for layer in sink.layers:
-            shape = (len(layer.bands), self.window.height, self.window.width)
-            path = self.scratch / f"{layer.stem}.raw"
-            self.pixels[layer.stem] = _scratch_pixels(path, _raw_dtype(layer), shape, layer.nodata)
+        self.files: dict[str, _RawScratch] = {}
+        try:
+            for layer in sink.layers:
+                shape = (len(layer.bands), self.window.height, self.window.width)
+                path = self.scratch / f"{layer.stem}.raw"
+                self.files[layer.stem] = _RawScratch(path, _raw_dtype(layer), shape)
+        except BaseException:
+            self.discard()
+            raise
+        grid = sink.tiling.grid
+        self.strips: dict[int, _Strip] = {}  # by patch row
+        for patch_row, first, last in sink.tiling.patch_rows(tile):
+            top = patch_row * grid.patch_height - self.window.row_off
+            if top < self.window.height:
+                self.strips[patch_row] = _Strip(top, last - first, {})
         # With records: the tile's prediction records in tile order, for the interchange shards.
         self.records = RecordWriter(self.scratch / "records.tfrecord", 0) if sink.with_records else None
         self.order = sink.tiling.patches(tile)
@@ -178,9 +214,20 @@ class _TileFile:
         rows = min(window.height, sink.tiling.region_height - window.row_off)
         cols = min(window.width, sink.tiling.region_width - window.col_off)
         self.written += 1
-        if rows <= 0 or cols <= 0:
-            return  # a padding patch wholly outside the true region
-        top, left = window.row_off - self.window.row_off, window.col_off - self.window.col_off
+        patch_row = key.index // grid.patches_per_row
+        if rows <= 0 or cols <= 0:  # a padding patch wholly outside the true region
+            self._counted(patch_row)
+            return
+        strip = self.strips[patch_row]
+        if not strip.pixels:
+            strip_rows = min(grid.patch_height, self.window.height - strip.top)
+            strip.pixels = {
+                layer.stem: np.full(
+                    (len(layer.bands), strip_rows, self.window.width), layer.nodata, _raw_dtype(layer)
+                )
+                for layer in sink.layers
+            }
+        left = window.col_off - self.window.col_off
         outside = None
         if sink.polygon is not None:
             transform = grid.transform @ Affine.translation(window.col_off, window.row_off)
@@ -197,7 +244,19 @@ class _TileFile:
             if outside is not None:  # NaN becomes each layer's nodata
                 values = values.astype(np.float32)
                 values[:, outside] = np.nan
-            self.pixels[layer.stem][:, top : top + rows, left : left + cols] = _as_dtype(values, layer)
+            strip.pixels[layer.stem][:, :rows, left : left + cols] = _as_dtype(values, layer)
+        self._counted(patch_row)
+
+    def _counted(self, patch_row: int) -> None:
+        """One more patch of ``patch_row`` is in; a complete strip goes to the scratch files."""
+        strip = self.strips.get(patch_row)
+        if strip is None:
+            return  # a patch row below the true region
+        strip.written += 1
+        if strip.written == strip.expected:
+            for stem, pixels in strip.pixels.items():
+                self.files[stem].write_rows(strip.top, pixels)
+            del self.strips[patch_row]
 
     @property
     def complete(self) -> bool:
@@ -206,9 +265,9 @@ class _TileFile:
     def _raw_vrt(self, layer: MapLayer) -> Path:
         """A VRT reading ``layer``'s raw scratch file, georeferenced as the tile."""
         sink = self.sink
-        grid, pixels = sink.tiling.grid, self.pixels[layer.stem]
-        height, width = pixels.shape[1:]
-        size = pixels.dtype.itemsize
+        grid, scratch = sink.tiling.grid, self.files[layer.stem]
+        height, width = scratch.shape[1:]
+        size = scratch.dtype.itemsize
 
         def add_raw(band: ET.Element, number: int) -> None:
             ET.SubElement(band, "SourceFilename", relativeToVRT="1").text = f"{layer.stem}.raw"
@@ -228,8 +287,9 @@ class _TileFile:
             if self.records is not None:  # before the layers: a tile with all layers is done
                 self.records.close()
                 sink.publish_file(self.records.path, records_file_name(sink.stem, sink.tiling, self.tile))
+            assert not self.strips, f"tile {self.tile}: patch rows {sorted(self.strips)} incomplete"
             for layer in sink.layers:
-                self.pixels[layer.stem].flush()
+                self.files[layer.stem].close()
                 source = self._raw_vrt(layer)
                 name = tile_file_name(sink.stem, layer, sink.tiling, self.tile)
                 partial = self.scratch / f"{name}.partial"
@@ -241,13 +301,15 @@ class _TileFile:
                     sink.publish_file(sidecar, f"{name}.aux.xml")
                 sink.publish_file(partial, name)
         finally:
-            self.pixels = {}
+            for scratch in self.files.values():
+                scratch.close()
             shutil.rmtree(self.scratch, ignore_errors=True)
         return self.written
 
     def discard(self) -> None:
-        self.pixels = {}
-        if self.records is not None:
+        for scratch in getattr(self, "files", {}).values():
+            scratch.close()
+        if getattr(self, "records", None) is not None:
             self.records.close()
         shutil.rmtree(self.scratch, ignore_errors=True)
 
@@ -265,8 +327,8 @@ class WriteMapTiles(beam.DoFn):
     """
 
     # One tile encoded behind the model: ~1.4x faster whole runs with the light model (I/O-bound),
-    # no gain with the U-Net (model-bound; BENCHMARKS.md). Safe since the scratch is raw memory-
-    # mapped files and tile encoding waits for GDAL reads elsewhere (gdal_threads).
+    # no gain with the U-Net (model-bound; BENCHMARKS.md). Safe since the scratch is raw files
+    # outside GDAL and tile encoding waits for GDAL reads elsewhere (gdal_threads).
     WRITE_BEHIND = 1
 
     def __init__(
