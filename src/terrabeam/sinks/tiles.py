@@ -2,10 +2,11 @@
 
 A tile's patches are gathered a strip (one patch row of the tile) at a time and written into raw
 scratch files (memory holds a strip per layer, not the tile; no GDAL call until the tile is
-complete) and, once the tile's last patch is in, each layer becomes a COG through GDAL's COG driver (reading the scratch through a raw VRT),
-published atomically: renamed into place in a folder, or uploaded whole to an object store (an
-object appears only complete). A tile is done when every layer's file exists; a resumed run keeps
-done tiles and writes the others again, byte for byte the same.
+complete). Once the tile's last patch is in, each layer becomes a COG through GDAL's COG driver
+(reading the scratch through a raw VRT), published atomically: renamed into place in a folder, or
+uploaded whole to an object store (an object appears only complete). A tile is done when every
+layer's file exists; a resumed run keeps done tiles and writes the others again, byte for byte the
+same.
 """
 
 from __future__ import annotations
