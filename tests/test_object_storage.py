@@ -20,6 +20,8 @@ from conftest import assert_same_map
 from terrabeam.cli import main
 from terrabeam.workspace import COMPLETE
 
+pytestmark = pytest.mark.integration
+
 BUCKET = "terrabeam-s3-test"
 
 

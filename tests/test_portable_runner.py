@@ -24,6 +24,8 @@ from terrabeam.cli import main
 from terrabeam.layout import list_shards
 from terrabeam.tfrecord import read_records
 
+pytestmark = pytest.mark.integration
+
 SERVICES = Path(__file__).with_name("beam_services.py")
 START_TIMEOUT = 60  # seconds for a service to listen
 RUN_TIMEOUT = 300  # seconds for one predict on the portable runner
