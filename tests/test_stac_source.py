@@ -19,7 +19,7 @@ from terrabeam.cli import main
 from terrabeam.config import load_config
 from terrabeam.errors import InputError
 from terrabeam.region import stated_grid
-from terrabeam.sources.stac import StacPatchReader, gdal_path, search_items
+from terrabeam.sources.stac import StacPatchReader, search_items
 
 TRANSFORM = Affine(10, 0, 400000, 0, -10, 5600000)  # UTM 33N, 10 m
 SHAPE = (50, 70)
@@ -181,14 +181,6 @@ def test_bands_by_common_name(tmp_path, catalog):
     missing = load_config(_config(tmp_path, catalog, bands={"red": {"common_name": "coastal"}}))
     with pytest.raises(InputError, match="missing a band with common name 'coastal'"):
         search_items(missing, None)
-
-
-def test_asset_hrefs_become_gdal_paths():
-    assert gdal_path("https://example.com/a.tif") == "/vsicurl/https://example.com/a.tif"
-    assert gdal_path("s3://bucket/a.tif") == "/vsis3/bucket/a.tif"
-    assert gdal_path("gs://bucket/a.tif") == "/vsigs/bucket/a.tif"
-    assert gdal_path("file:///data/a.tif") == "/data/a.tif"
-    assert gdal_path("/vsizip/x.zip/a.tif") == "/vsizip/x.zip/a.tif"
 
 
 def test_without_wait_for_data_a_window_without_items_is_closed(tmp_path, catalog):

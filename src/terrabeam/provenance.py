@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from terrabeam import __version__
@@ -28,6 +29,14 @@ def _file_digest(location: str) -> str:
                 for chunk in iter(lambda: stream.read(2**20), b""):
                     digest.update(chunk)
     return digest.hexdigest()
+
+
+def window_range(window: tuple[str, str] | None) -> tuple[datetime, datetime] | None:
+    """A run's window [start, end) as aware datetimes (a date is its midnight, UTC)."""
+    if window is None:
+        return None
+    start, end = (datetime.fromisoformat(w) for w in window)
+    return tuple(d if d.tzinfo else d.replace(tzinfo=UTC) for d in (start, end))  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

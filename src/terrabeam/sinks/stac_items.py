@@ -21,12 +21,13 @@ from typing import Any
 
 import pystac
 from rasterio.crs import CRS
+from rasterio.features import bounds
 from rasterio.warp import transform_geom
 
 from terrabeam import __version__
 from terrabeam.config import PipelineConfig
 from terrabeam.errors import InputError, TransientError
-from terrabeam.provenance import Provenance
+from terrabeam.provenance import Provenance, window_range
 from terrabeam.region import projected_geometry
 from terrabeam.sinks.tiles import MapLayer, class_colors
 from terrabeam.tiling import Tiling
@@ -69,23 +70,6 @@ def _footprint(config: PipelineConfig, tiling: Tiling) -> dict[str, Any]:
     return transform_geom(grid.crs, "EPSG:4326", rectangle)
 
 
-def _bbox(geometry: dict[str, Any]) -> list[float]:
-    def points(coordinates: Any) -> list[tuple[float, float]]:
-        if isinstance(coordinates[0], (int, float)):
-            return [tuple(coordinates[:2])]
-        return [p for part in coordinates for p in points(part)]
-
-    xs, ys = zip(*points(geometry["coordinates"]), strict=True)
-    return [min(xs), min(ys), max(xs), max(ys)]
-
-
-def _window(made: Provenance) -> tuple[datetime, datetime] | None:
-    if not made.window:
-        return None
-    start, end = (datetime.fromisoformat(w) for w in made.window)
-    return tuple(d if d.tzinfo else d.replace(tzinfo=UTC) for d in (start, end))  # type: ignore[return-value]
-
-
 def _proj_fields(tiling: Tiling) -> dict[str, Any]:
     crs = CRS.from_user_input(tiling.grid.crs)
     t = tiling.grid.transform
@@ -124,7 +108,7 @@ def map_item(
 ) -> pystac.Item:
     """The Item of a map whose ``files`` (the deliver folder's) it links relative to the folder."""
     geometry = _footprint(config, tiling)
-    window = _window(made)
+    window = window_range(made.window)
     properties: dict[str, Any] = {
         "processing:software": {"terrabeam": __version__},
         "processing:datetime": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -140,7 +124,7 @@ def map_item(
     item = pystac.Item(
         id=f"{made.pipeline}-{made.run_id}",
         geometry=geometry,
-        bbox=_bbox(geometry),
+        bbox=list(bounds(geometry)),
         datetime=None if window else created,
         start_datetime=window[0] if window else None,
         end_datetime=window[1] if window else None,

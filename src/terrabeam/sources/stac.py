@@ -20,11 +20,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
+from rasterio.features import bounds
 from rasterio.warp import transform_bounds
 
 from terrabeam.config import BandFile, PipelineConfig, RasterSource
 from terrabeam.errors import InputError
 from terrabeam.grid import Grid
+from terrabeam.provenance import window_range
 from terrabeam.region import region_geometry
 from terrabeam.sources.raster import RasterPatchReader, add_derived, block_patches, block_window
 
@@ -40,17 +42,6 @@ class SourceItem:
     mask: str | None = None  # the mask asset's href
 
 
-def gdal_path(href: str) -> str:
-    """An asset href as GDAL opens it: http(s) through /vsicurl/, s3:// and gs:// through /vsis3/
-    and /vsigs/; local paths (also file://) and /vsi… paths as they are."""
-    if href.startswith(("http://", "https://")):
-        return f"/vsicurl/{href}"
-    for scheme, prefix in (("s3://", "/vsis3/"), ("gs://", "/vsigs/")):
-        if href.startswith(scheme):
-            return prefix + href.removeprefix(scheme)
-    return href.removeprefix("file://")
-
-
 def _search_geometry(config: PipelineConfig) -> dict[str, Any]:
     """The region in lon/lat: its polygon, or its bbox (given in the grid's CRS) as one."""
     geometry = region_geometry(config)
@@ -60,27 +51,6 @@ def _search_geometry(config: PipelineConfig) -> dict[str, Any]:
     left, bottom, right, top = transform_bounds(config.grid.crs, "EPSG:4326", *bbox, densify_pts=21)
     ring = [[left, bottom], [right, bottom], [right, top], [left, top], [left, bottom]]
     return {"type": "Polygon", "coordinates": [ring]}
-
-
-def _lonlat_bounds(geometry: dict[str, Any]) -> tuple[float, float, float, float]:
-    points = np.array(list(_points(geometry["coordinates"])), dtype=float)
-    return points[:, 0].min(), points[:, 1].min(), points[:, 0].max(), points[:, 1].max()
-
-
-def _points(coordinates: Any):
-    if isinstance(coordinates[0], (int, float)):
-        yield coordinates[:2]
-        return
-    for part in coordinates:
-        yield from _points(part)
-
-
-def _window_range(window: tuple[str, str] | None) -> tuple[datetime, datetime] | None:
-    """[start, end) as aware datetimes (a date is its midnight, UTC)."""
-    if window is None:
-        return None
-    start, end = (datetime.fromisoformat(w) for w in window)
-    return tuple(d if d.tzinfo else d.replace(tzinfo=UTC) for d in (start, end))  # type: ignore[return-value]
 
 
 def _item_time(item: Any) -> datetime:
@@ -112,7 +82,7 @@ def _catalog_items(config: PipelineConfig, window: tuple[datetime, datetime] | N
         catalog = pystac.Catalog.from_file(config.locate(source.catalog))
     except Exception as exc:
         raise InputError(f"source.catalog: cannot read {source.catalog} ({exc})") from None
-    left, bottom, right, top = _lonlat_bounds(_search_geometry(config))
+    left, bottom, right, top = bounds(_search_geometry(config))
     chosen = []
     for item in catalog.get_items(recursive=True):
         if source.collections and item.collection_id not in source.collections:
@@ -134,6 +104,7 @@ def _catalog_items(config: PipelineConfig, window: tuple[datetime, datetime] | N
 
 def _api_items(config: PipelineConfig, window: tuple[datetime, datetime] | None) -> list[Any]:
     from pystac_client import Client
+    from pystac_client.conformance import ConformanceClasses
     from pystac_client.exceptions import APIError
 
     source = config.source
@@ -143,13 +114,16 @@ def _api_items(config: PipelineConfig, window: tuple[datetime, datetime] | None)
         when = f"{window[0]:%Y-%m-%dT%H:%M:%S.%f}"[:-3] + "Z/" + f"{last:%Y-%m-%dT%H:%M:%S.%f}"[:-3] + "Z"
     try:
         client = Client.open(source.api)
+        # newest first from the API where it can sort: then only max_items are fetched
+        sorts = client.conforms_to(ConformanceClasses.SORT)
         search = client.search(
             collections=source.collections or None,
             intersects=_search_geometry(config),
             datetime=when,
             query=source.query,
             filter=source.filter,
-            max_items=None,
+            sortby="-properties.datetime" if sorts else None,
+            max_items=source.max_items if sorts else None,
         )
         return list(search.items())
     except (APIError, OSError, ValueError) as exc:
@@ -206,7 +180,7 @@ def search_items(config: PipelineConfig, window: tuple[str, str] | None) -> list
     """The window's Items, newest first, at most ``source.max_items``; each must have every band
     (and the mask asset)."""
     source = config.source
-    span = _window_range(window)
+    span = window_range(window)
     found = _api_items(config, span) if source.api else _catalog_items(config, span)
     found.sort(key=_item_time, reverse=True)
     sign = _signer(config)
@@ -259,7 +233,7 @@ class StacPatchReader:
             for item in self.items:
                 bands = {
                     name: BandFile(
-                        path=gdal_path(item.bands[name][0]),
+                        path=item.bands[name][0],  # rasterio reads http(s)/s3/gs URLs via /vsi…
                         band=item.bands[name][1],
                         scale=spec.scale,
                         offset=spec.offset,
@@ -273,7 +247,7 @@ class StacPatchReader:
                 mask = None
                 if source.mask is not None:
                     mask_source = RasterSource(
-                        bands={"mask": BandFile(path=gdal_path(item.mask))},
+                        bands={"mask": BandFile(path=item.mask)},
                         fill_value=float("nan"),
                         resampling="nearest",
                     )
