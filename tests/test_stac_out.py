@@ -168,3 +168,36 @@ def test_quicklook_rgb_must_name_three_band_files(tiny_pipeline, rgb, message):
     document["outputs"]["quicklook_rgb"] = rgb
     with pytest.raises(ConfigError, match=message):
         load_config(write(document))
+
+
+def test_tiled_map_has_an_item_per_tile_in_a_collection(tiny_pipeline, tmp_path):
+    """70 × 50 px in tiles of 2 × 2 patches of 32 × 16: 3 × 2 tiles, each with an Item beside its
+    COGs, all in one Collection with the map's own Item; valid offline, extents cover the tiles."""
+    document, write = tiny_pipeline
+    document["outputs"]["tile_size"] = 32
+    assert main(["run", str(write(document)), "--run", "r1", "--window", "2024-05-01/2024-05-11"]) == 0
+    deliver = tmp_path / "ws" / "r1" / "deliver"
+    validator = offline_validator()
+    collection = pystac.Collection.from_dict(json.loads((deliver / "tiny.collection.json").read_text()))
+    assert collection.validate(validator=validator)
+    hrefs = [link.href for link in collection.links if link.rel == "item"]
+    assert len(hrefs) == 1 + 6 and hrefs[0] == "./tiny.item.json"
+    whole = _read(deliver / "tiny.item.json")
+    assert whole.collection_id == collection.id and whole.validate(validator=validator)
+    boxes = []
+    for href in hrefs[1:]:
+        item = _read(deliver / href)
+        assert item.validate(validator=validator) and item.collection_id == collection.id
+        cog = deliver / "tiles" / item.assets["classes"].href
+        with rasterio.open(cog) as tile:  # the Item's proj: fields are the tile's own
+            assert item.properties["proj:shape"] == [tile.height, tile.width]
+            assert item.properties["proj:transform"] == list(tile.transform)[:6]
+        boxes.append(item.bbox)
+        assert (deliver / "tiles" / item.assets["probabilities"].href).exists()
+    west, south, east, north = collection.extent.spatial.bboxes[0]
+    assert min(b[0] for b in boxes) == pytest.approx(west) and max(b[2] for b in boxes) == pytest.approx(east)
+    assert min(b[1] for b in boxes) == pytest.approx(south) and max(b[3] for b in boxes) == pytest.approx(
+        north
+    )
+    interval = collection.extent.temporal.intervals[0]
+    assert [t.isoformat() for t in interval] == ["2024-05-01T00:00:00+00:00", "2024-05-11T00:00:00+00:00"]

@@ -14,6 +14,7 @@ import rasterio
 import yaml
 from affine import Affine
 from conftest import write_conv_model, write_raster
+from PIL import Image
 
 from terrabeam.cli import main
 from terrabeam.config import load_config
@@ -150,6 +151,36 @@ def test_a_run_equals_the_raster_source_on_the_same_file(tmp_path, catalog):
             np.testing.assert_array_equal(a.read(), b.read())
     summary = yaml.safe_load((tmp_path / "ws" / "s" / "summary.json").read_text())
     assert summary["steps"]["map"]["source_items"] == ["d1"]
+
+
+def test_quicklook_shows_the_items_like_the_raster_source(tmp_path, catalog):
+    """The quicklook's imagery of a STAC run is its Items' (here one), as the raster source's of
+    the same file: the two PNGs differ only in the title line (run id, window)."""
+    stac = _config(tmp_path, catalog, mask=None)
+    document = yaml.safe_load(stac.read_text())
+    document["outputs"] = {"quicklook": True, "quicklook_rgb": ["red", "red", "red"]}
+    stac.write_text(yaml.safe_dump(document))
+    assert main(["run", str(stac), "--run", "s", "--window", "2024-05-01/2024-05-10"]) == 0
+    document["source"] = {
+        "bands": {"red": {"path": str(catalog.parent.parent / "d1-red.tif"), "scale": 1e-4}}
+    }
+    document["grid"]["align"] = "origin"
+    raster = tmp_path / "raster.yaml"
+    raster.write_text(yaml.safe_dump(document))
+    assert main(["run", str(raster), "--run", "r"]) == 0
+    stac_png, raster_png = (
+        np.asarray(Image.open(tmp_path / "ws" / run / "deliver" / "stacky-quicklook.png"))
+        for run in ("s", "r")
+    )
+    assert stac_png.shape == raster_png.shape
+    rows = np.flatnonzero((stac_png != raster_png).any(axis=(1, 2)))
+    assert rows.size and rows.max() < 24  # the title line only
+    no_imagery = tmp_path / "plain.yaml"
+    document["outputs"] = {"quicklook": True}  # no RGB bands: the classes alone, fully opaque
+    no_imagery.write_text(yaml.safe_dump(document))
+    assert main(["run", str(no_imagery), "--run", "p"]) == 0
+    plain = np.asarray(Image.open(tmp_path / "ws" / "p" / "deliver" / "stacky-quicklook.png"))
+    assert plain.shape == stac_png.shape and (plain[30:-30] != stac_png[30:-30]).any()
 
 
 def test_a_window_without_items_is_no_data(tmp_path, catalog, capsys):

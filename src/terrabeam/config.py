@@ -816,11 +816,11 @@ class PipelineConfig(_Strict):
         if rgb:
             if len(rgb) != 3:
                 raise ValueError(f"outputs.quicklook_rgb needs three bands (red, green, blue), got {rgb}")
-            files = list(self.source.bands) if self.source.kind == "raster" else []
+            files = list(self.source.bands) if self.source.kind in ("raster", "stac") else []
             if any(band not in files for band in rgb):
                 raise ValueError(
-                    f"outputs.quicklook_rgb {rgb}: the imagery is read from the source's band files; "
-                    f"bands with files: {files}"
+                    f"outputs.quicklook_rgb {rgb}: the imagery is read from the source's band files "
+                    f"or STAC assets; bands with files: {files}"
                 )
         return self
 
@@ -828,7 +828,7 @@ class PipelineConfig(_Strict):
         """The source bands under the quicklook's classes (none where the source has no files)."""
         if self.outputs.quicklook_rgb is not None:
             return list(self.outputs.quicklook_rgb)
-        files = self.source.bands if self.source.kind == "raster" else {}
+        files = self.source.bands if self.source.kind in ("raster", "stac") else {}
         return ["red", "green", "blue"] if all(b in files for b in ("red", "green", "blue")) else []
 
     def locate(self, path: str) -> str:

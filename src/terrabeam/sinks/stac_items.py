@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pystac
+from affine import Affine
 from rasterio.crs import CRS
 from rasterio.features import bounds
 from rasterio.warp import transform_geom
@@ -29,7 +30,8 @@ from terrabeam.config import PipelineConfig
 from terrabeam.errors import InputError, TransientError
 from terrabeam.provenance import Provenance, window_range
 from terrabeam.region import projected_geometry
-from terrabeam.sinks.tiles import MapLayer, class_colors
+from terrabeam.sinks.mosaic import TILES_FOLDER
+from terrabeam.sinks.tiles import MapLayer, class_colors, tile_file_name
 from terrabeam.tiling import Tiling
 
 EXTENSIONS = {
@@ -57,25 +59,25 @@ def model_item_file_name(stem: str) -> str:
     return f"{stem}-model.item.json"
 
 
+def _rectangle(crs: str, t: Affine, width: int, height: int) -> dict[str, Any]:
+    """``width`` × ``height`` pixels from ``t``'s origin, in lon/lat."""
+    corners = [t * (0, 0), t * (width, 0), t * (width, height), t * (0, height), t * (0, 0)]
+    return transform_geom(crs, "EPSG:4326", {"type": "Polygon", "coordinates": [[list(c) for c in corners]]})
+
+
 def _footprint(config: PipelineConfig, tiling: Tiling) -> dict[str, Any]:
     """The true region in lon/lat: the configured polygon, else the region's rectangle."""
-    grid = tiling.grid
     polygon = projected_geometry(config, "EPSG:4326")
     if polygon is not None:
         return polygon
-    t = grid.transform
-    corners = [t * (0, 0), t * (tiling.region_width, 0), t * (tiling.region_width, tiling.region_height)]
-    corners += [t * (0, tiling.region_height), t * (0, 0)]
-    rectangle = {"type": "Polygon", "coordinates": [[list(c) for c in corners]]}
-    return transform_geom(grid.crs, "EPSG:4326", rectangle)
+    return _rectangle(tiling.grid.crs, tiling.grid.transform, tiling.region_width, tiling.region_height)
 
 
-def _proj_fields(tiling: Tiling) -> dict[str, Any]:
-    crs = CRS.from_user_input(tiling.grid.crs)
-    t = tiling.grid.transform
+def _proj_fields(crs_text: str, t: Affine, width: int, height: int) -> dict[str, Any]:
+    crs = CRS.from_user_input(crs_text)
     fields: dict[str, Any] = {
         "proj:transform": [t.a, t.b, t.c, t.d, t.e, t.f],
-        "proj:shape": [tiling.region_height, tiling.region_width],
+        "proj:shape": [height, width],
     }
     epsg = crs.to_epsg()
     fields |= {"proj:code": f"EPSG:{epsg}"} if epsg else {"proj:code": None, "proj:wkt2": crs.to_wkt()}
@@ -95,6 +97,17 @@ def _raster_bands(layer: MapLayer, resolution: float) -> list[dict[str, Any]]:
         {"data_type": layer.dtype, "nodata": nodata, "spatial_resolution": resolution}
         for _ in layer.descriptions
     ]
+
+
+def _layer_asset(layer: MapLayer, href: str, resolution: float) -> pystac.Asset:
+    """A map layer's file: a COG (``.tif``) or the VRT over the tiles."""
+    extra: dict[str, Any] = {"raster:bands": _raster_bands(layer, resolution)}
+    extra["bands"] = [{"name": d} for d in layer.descriptions]
+    if layer.categories:
+        extra["classification:classes"] = _class_list(layer)
+    cog = href.endswith(".tif")
+    title = f"{layer.stem} ({'Cloud-Optimized GeoTIFF' if cog else 'GDAL VRT over the tiles'})"
+    return pystac.Asset(href, title, None, COG if cog else "application/xml", ["data"], extra)
 
 
 def map_item(
@@ -120,7 +133,8 @@ def map_item(
         "terrabeam:model": made.model,
         "terrabeam:model_version": made.model_version,
     }
-    properties |= _proj_fields(tiling)
+    grid = tiling.grid
+    properties |= _proj_fields(grid.crs, grid.transform, tiling.region_width, tiling.region_height)
     item = pystac.Item(
         id=f"{made.pipeline}-{made.run_id}",
         geometry=geometry,
@@ -138,13 +152,7 @@ def map_item(
         for stem, layer in by_stem.items():
             if name.endswith(f"-{stem}.tif") or name.endswith(f"-{stem}.vrt"):
                 key = stem if name.endswith(".tif") else f"{stem}-vrt"
-                extra: dict[str, Any] = {"raster:bands": _raster_bands(layer, resolution)}
-                extra["bands"] = [{"name": d} for d in layer.descriptions]
-                if layer.categories:
-                    extra["classification:classes"] = _class_list(layer)
-                media = COG if name.endswith(".tif") else "application/xml"
-                title = f"{stem} ({'Cloud-Optimized GeoTIFF' if media == COG else 'GDAL VRT over the tiles'})"
-                item.add_asset(key, pystac.Asset(f"./{name}", title, None, media, ["data"], extra))
+                item.add_asset(key, _layer_asset(layer, f"./{name}", resolution))
         if name.endswith("-quicklook.png"):
             item.add_asset(
                 "thumbnail",
@@ -256,6 +264,90 @@ def _model_colors(config: PipelineConfig) -> list[str]:
     return class_colors(config.model.output_names, config.outputs.colors)
 
 
+def collection_file_name(stem: str) -> str:
+    return f"{stem}.collection.json"
+
+
+def tile_item_file_name(stem: str, tiling: Tiling, tile: int) -> str:
+    return f"{stem}-{tiling.name(tile)}.item.json"
+
+
+def tile_item(
+    config: PipelineConfig,
+    made: Provenance,
+    tiling: Tiling,
+    layers: Sequence[MapLayer],
+    tile: int,
+    created: datetime,
+    collection_id: str,
+) -> pystac.Item:
+    """The Item of one tile of a tiled map (it lies in ``tiles/``, beside the tile COGs it links)."""
+    grid, window = tiling.grid, tiling.window(tile)
+    transform = grid.transform * Affine.translation(window.col_off, window.row_off)
+    geometry = _rectangle(grid.crs, transform, window.width, window.height)
+    span = window_range(made.window)
+    row, col = tiling.position(tile)[::-1]
+    properties: dict[str, Any] = {
+        "terrabeam:pipeline": made.pipeline,
+        "terrabeam:run": made.run_id,
+        "terrabeam:tile": {"row": row, "col": col},
+    } | _proj_fields(grid.crs, transform, window.width, window.height)
+    item = pystac.Item(
+        id=f"{made.pipeline}-{made.run_id}-{tiling.name(tile)}",
+        geometry=geometry,
+        bbox=list(bounds(geometry)),
+        datetime=None if span else created,
+        start_datetime=span[0] if span else None,
+        end_datetime=span[1] if span else None,
+        properties=properties,
+        stac_extensions=[EXTENSIONS[name] for name in ("proj", "raster", "classification")],
+        collection=collection_id,
+    )
+    resolution = abs(grid.transform.a)
+    for layer in layers:
+        if layer.stem != "classes" or config.outputs.class_map:
+            href = f"./{tile_file_name(config.name, layer, tiling, tile)}"
+            item.add_asset(layer.stem, _layer_asset(layer, href, resolution))
+    item.add_link(pystac.Link("collection", f"../{collection_file_name(config.name)}", pystac.MediaType.JSON))
+    item.add_link(pystac.Link("parent", f"../{collection_file_name(config.name)}", pystac.MediaType.JSON))
+    item.add_link(
+        pystac.Link("derived_from", f"../{model_item_file_name(config.name)}", pystac.MediaType.GEOJSON)
+    )
+    return item
+
+
+def tiles_collection(map_of: pystac.Item, stem: str, tiling: Tiling) -> pystac.Collection:
+    """The Collection of a tiled map's tile Items, and of the map's own Item."""
+    props, common = map_of.properties, map_of.common_metadata
+    start = common.start_datetime or map_of.datetime
+    end = common.end_datetime or map_of.datetime
+    collection = pystac.Collection(
+        id=map_of.id,
+        description=f"map of terrabeam pipeline {props['terrabeam:pipeline']}, run {props['terrabeam:run']}, "
+        f"as {tiling.count} Cloud-Optimized GeoTIFF tiles",
+        extent=pystac.Extent(
+            pystac.SpatialExtent([map_of.bbox]),
+            pystac.TemporalExtent([[start, end]]),
+        ),
+        license="other",
+    )
+    collection.clear_links()
+    collection.add_link(pystac.Link("item", f"./{item_file_name(stem)}", pystac.MediaType.GEOJSON))
+    for tile in range(tiling.count):
+        href = f"./{TILES_FOLDER}/{tile_item_file_name(stem, tiling, tile)}"
+        collection.add_link(pystac.Link("item", href, pystac.MediaType.GEOJSON))
+    return collection
+
+
+def _write_json(path: Path, stac_object: pystac.STACObject) -> Path:
+    """Written under a temporary name and renamed into place."""
+    partial = path.with_name(f".{path.name}.partial")
+    data = stac_object.to_dict(include_self_link=False, transform_hrefs=False)
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
+    return path
+
+
 def write_items(
     config: PipelineConfig,
     work: Path,
@@ -266,21 +358,22 @@ def write_items(
     derived_from: Sequence[str] = (),
     created: datetime | None = None,
 ) -> list[Path]:
-    """The map's and the model's Items in ``work`` (the deliver folder being made), each written
-    under a temporary name and renamed into place."""
+    """The map's and the model's Items in ``work`` (the deliver folder being made); for a map of
+    several tiles also an Item per tile (in ``tiles/``) and a Collection of them all."""
     created = created or datetime.now(UTC).replace(microsecond=0)
-    written = []
-    for item, name in (
-        (model_item(config, made, created), model_item_file_name(config.name)),
-        (map_item(config, made, tiling, layers, files, created, derived_from), item_file_name(config.name)),
-    ):
-        path = work / name
-        partial = path.with_name(f".{name}.partial")
-        partial.write_text(
-            json.dumps(item.to_dict(include_self_link=False, transform_hrefs=False), indent=2) + "\n"
-        )
-        os.replace(partial, path)
-        written.append(path)
+    stem = config.name
+    model = model_item(config, made, created)
+    whole = map_item(config, made, tiling, layers, files, created, derived_from)
+    written = [_write_json(work / model_item_file_name(stem), model)]
+    if tiling.count > 1:
+        collection = tiles_collection(whole, stem, tiling)
+        whole.collection_id = collection.id
+        whole.add_link(pystac.Link("collection", f"./{collection_file_name(stem)}", pystac.MediaType.JSON))
+        for tile in range(tiling.count):
+            item = tile_item(config, made, tiling, layers, tile, created, collection.id)
+            _write_json(work / TILES_FOLDER / tile_item_file_name(stem, tiling, tile), item)
+        written.append(_write_json(work / collection_file_name(stem), collection))
+    written.append(_write_json(work / item_file_name(stem), whole))
     return written
 
 

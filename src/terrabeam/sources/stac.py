@@ -219,6 +219,48 @@ def _combine(stack: np.ndarray, reducer: str) -> np.ndarray:
         return (np.nanmedian if reducer == "median" else np.nanmean)(stack, axis=0).astype(np.float32)
 
 
+def _item_config(config: PipelineConfig, item: SourceItem) -> PipelineConfig:
+    """The config of a raster source over one Item's band assets (NaN where it has no data)."""
+    source = config.source
+    bands = {
+        name: BandFile(
+            path=item.bands[name][0],  # rasterio reads http(s)/s3/gs URLs via /vsi…
+            band=item.bands[name][1],
+            scale=spec.scale,
+            offset=spec.offset,
+        )
+        for name, spec in source.bands.items()
+    }
+    per_item = RasterSource(
+        bands=bands, nodata=source.nodata, fill_value=float("nan"), resampling=source.resampling
+    )
+    return config.model_copy(update={"source": per_item})
+
+
+def read_overview(
+    config: PipelineConfig,
+    items: Sequence[SourceItem],
+    bands: list[str],
+    crs: object,
+    transform: Any,
+    size: tuple[int, int],
+    shape: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The raster source's ``read_overview`` over the window's Items, combined by the reducer
+    (masks not applied: the quicklook shows what the model saw, clouds included)."""
+    from terrabeam.sources.raster import read_overview as read_files
+
+    stacks = []
+    for item in items:
+        values, valid = read_files(_item_config(config, item), bands, crs, transform, size, shape)
+        values[:, ~valid] = np.nan
+        stacks.append(values)
+    combined = np.stack(
+        [_combine(np.stack([s[b] for s in stacks]), config.source.reducer) for b in range(len(bands))]
+    )
+    return np.nan_to_num(combined), ~np.isnan(combined).any(axis=0)
+
+
 class StacPatchReader:
     """The raster reader's interface (``read_block``) over a window's Items: each Item's bands read
     with the raster source's reader (NaN where it has no data), masked, then combined."""
@@ -231,19 +273,7 @@ class StacPatchReader:
         self.readers: list[tuple[RasterPatchReader, RasterPatchReader | None]] = []
         try:
             for item in self.items:
-                bands = {
-                    name: BandFile(
-                        path=item.bands[name][0],  # rasterio reads http(s)/s3/gs URLs via /vsi…
-                        band=item.bands[name][1],
-                        scale=spec.scale,
-                        offset=spec.offset,
-                    )
-                    for name, spec in source.bands.items()
-                }
-                per_item = RasterSource(
-                    bands=bands, nodata=source.nodata, fill_value=float("nan"), resampling=source.resampling
-                )
-                reader = RasterPatchReader(config.model_copy(update={"source": per_item}), grid, kernel)
+                reader = RasterPatchReader(_item_config(config, item), grid, kernel)
                 mask = None
                 if source.mask is not None:
                     mask_source = RasterSource(

@@ -45,6 +45,7 @@ from terrabeam.sinks.tiles import (
     records_file_name,
     tile_file_name,
 )
+from terrabeam.sources.stac import SourceItem
 from terrabeam.tiling import Tiling
 from terrabeam.workspace import Workspace
 
@@ -95,7 +96,7 @@ def write_map(
     remote_tiles: str | None = None,
     group_by_tile: bool = False,
     with_records: bool = False,
-    derived_from: Sequence[str] = (),
+    source_items: Sequence[SourceItem] = (),
 ) -> MapResult:
     """Run ``source`` → map tiles for the tiles not yet written, then the mosaic; publish ``deliver/``.
 
@@ -104,7 +105,7 @@ def write_map(
     they are fetched for the mosaic. ``group_by_tile``: the source spreads a tile's patches over
     bundles when its records are spread over workers. ``with_records``: also Earth Engine-layout
     prediction shards + mixer + manifest, assembled from the tiles' records by a second pipeline.
-    ``derived_from``: hrefs of the source's STAC Items, linked from the map's Item.
+    ``source_items``: the STAC Items read (linked from the map's Item, under its quicklook).
     """
     start = time.perf_counter()
     stem = config.name
@@ -166,7 +167,8 @@ def write_map(
             raise RecordCountError(f"map: {len(todo)} tiles to write, but the pipeline wrote {written}")
     if remote_tiles:
         _fetch_tiles(remote_tiles, tiles_dir, stem, layers, tiling)
-    outputs = _mosaic(config, work, tiling, layers, made)
+    outputs = _mosaic(config, work, tiling, layers, made, source_items)
+    derived_from = [item.href for item in source_items if item.href]
     outputs += write_items(config, work, made, tiling, layers, outputs, derived_from)
     if with_records:
         outputs += _assemble_shards(config, work, tiling, bands, flags, remote_tiles)
@@ -249,7 +251,12 @@ def tile_overviews(config: PipelineConfig, tiling: Tiling) -> bool:
 
 
 def _mosaic(
-    config: PipelineConfig, work: Path, tiling: Tiling, layers: list[MapLayer], made: Provenance
+    config: PipelineConfig,
+    work: Path,
+    tiling: Tiling,
+    layers: list[MapLayer],
+    made: Provenance,
+    source_items: Sequence[SourceItem],
 ) -> list[Path]:
     """VRT per layer, one COG per layer if the region is small enough, the quicklook; the COGs and
     the quicklook are made side by side in threads (GDAL releases the GIL; on 2 cores ~1.4× faster
@@ -275,15 +282,18 @@ def _mosaic(
                 jobs.append(pool.submit(write_single_cog, vrt, target, stem, layer, tiling, compression))
         if outputs.quicklook and class_map is not None:
             path = work / f"{stem}-quicklook.png"
-            jobs.append(pool.submit(write_quicklook, class_map, path, *_quicklook(config, tiling, made)))
+            jobs.append(
+                pool.submit(write_quicklook, class_map, path, *_quicklook(config, tiling, made, source_items))
+            )
     written.extend(job.result() for job in jobs)  # all have ended; the first error is raised
     return written
 
 
 def _quicklook(
-    config: PipelineConfig, tiling: Tiling, made: Provenance
+    config: PipelineConfig, tiling: Tiling, made: Provenance, source_items: Sequence[SourceItem]
 ) -> tuple[QuicklookStyle, Backdrop | None]:
-    """The quicklook's look, and the source imagery under it (raster sources with RGB bands)."""
+    """The quicklook's look, and the source imagery under it (raster or STAC sources with RGB
+    bands: a STAC window's Items composited as for the model)."""
     classes = list(config.model.output_names)
     window = "/".join(made.window) if made.window else "no window"
     style = QuicklookStyle(
@@ -300,6 +310,10 @@ def _quicklook(
     size = (tiling.region_width, tiling.region_height)
 
     def backdrop(shape: tuple[int, int]) -> tuple:
+        if config.source.kind == "stac":
+            from terrabeam.sources.stac import read_overview as read_items
+
+            return read_items(config, source_items, bands, grid.crs, grid.transform, size, shape)
         from terrabeam.sources.raster import read_overview
 
         return read_overview(config, bands, grid.crs, grid.transform, size, shape)

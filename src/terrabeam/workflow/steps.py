@@ -201,7 +201,7 @@ def map_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[s
     window's STAC Items') windows, run the model and write map tiles; nothing is materialised
     between (the model was probed before). A STAC window without Items raises NoDataError."""
     kw, kh = config.grid.kernel_size
-    open_reader, derived_from, found = None, [], None
+    open_reader, items = None, None
     if config.source.kind == "stac":
         from terrabeam.region import stated_grid
         from terrabeam.sources.stac import StacPatchReader, search_items
@@ -213,8 +213,6 @@ def map_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[s
             raise NoDataError(f"no STAC Items for the region in window {window}; nothing to predict")
         open_reader = partial(StacPatchReader, config, grid, (kw, kh), items)
         inputs = "\n".join(f"{item.id} {item.datetime}" for item in items)
-        derived_from = [item.href for item in items if item.href]
-        found = [item.id for item in items]
     else:
         grid, region = export_grid(config)
         inputs = "\n".join(config.locate(band.path) for band in config.source.bands.values())
@@ -244,11 +242,11 @@ def map_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[s
             beam_args,
             remote_tiles=remote.tiles if remote else None,
             with_records=config.outputs.tfrecord,
-            derived_from=derived_from,
+            source_items=items or (),
         )
     details = result.details(workspace.step_location("deliver"))
-    if found is not None:
-        details["source_items"] = found
+    if items is not None:
+        details["source_items"] = [item.id for item in items]
     return StepReport("map", result.seconds, details)
 
 
