@@ -19,9 +19,11 @@ import yaml
 from affine import Affine
 from conftest import write_conv_model, write_raster
 from earth_engine_files import write_earth_engine_export
+from example_wire import length_delimited
 
 from terrabeam.cli import main
 from terrabeam.inspect import inspect_paths, kernel_candidates
+from terrabeam.tfrecord import RecordWriter, encode_example, read_records
 
 W, H, KW, KH = 12, 8, 4, 2  # Earth Engine's patchDimensions [width, height] and kernelSize
 PER_ROW, TOTAL = 3, 7
@@ -258,6 +260,58 @@ def test_feature_lengths_that_change_between_records(tmp_path, example_pb2, caps
         f"{folder / 'ee-00001.tfrecord.gz'} record 1: feature B4 has 150 float values where the first "
         "record has 160 float; feature B8 has 150 float values where the first record has 160 float"
     ]
+
+
+def _replace_record(shard, index: int, payload: bytes) -> None:
+    records = list(read_records(shard))
+    records[index] = payload
+    with RecordWriter(shard) as writer:
+        for record in records:
+            writer.write(record)
+
+
+def test_a_malformed_example_with_good_crcs_names_shard_and_record(ee_export, capsys):
+    """A Feature whose packed float list has 5 bytes: framing and CRCs fine, protobuf rejects it."""
+    malformed = length_delimited(
+        1,
+        length_delimited(
+            1, length_delimited(1, b"B4") + length_delimited(2, length_delimited(2, b"\x0a\x05" + bytes(5)))
+        ),
+    )
+    shard = ee_export / "ee-00002.tfrecord.gz"
+    _replace_record(shard, 0, malformed)
+    code, document = _inspect_json(capsys, ee_export)
+    assert code == 1
+    (violation,) = _violations(document)
+    assert violation.startswith(f"{shard} record 0: malformed tf.train.Example: packed float list of 5 bytes")
+
+
+def test_bytes_features_and_a_missing_mixer_are_what_ingestion_lacks(tmp_path, capsys):
+    """Synthetic records written by terrabeam's encoder plus a bytes_list feature, no mixer beside them:
+    valid (a mixer is not required to read records), but not ingestible."""
+    folder = tmp_path / "loose"
+    folder.mkdir()
+    patch = encode_example({"B4": np.zeros(64, np.float32)})
+    # Example{features: Features{feature: {"id": Feature{bytes_list: BytesList{value: ["tile-7"]}}}}}
+    bytes_feature = length_delimited(1, length_delimited(1, b"tile-7"))
+    with_bytes = length_delimited(
+        1, length_delimited(1, length_delimited(1, b"id") + length_delimited(2, bytes_feature))
+    )
+    with RecordWriter(folder / "t.tfrecord.gz") as writer:
+        for _ in range(2):
+            writer.write(patch + with_bytes)  # two Features messages merge: B4 and id
+    code, document = _inspect_json(capsys, folder)
+    report = _only(document)
+    assert code == 0 and report["valid"], _violations(document)
+    assert report["features"] == [
+        {"name": "B4", "type": "float", "length": 64},
+        {"name": "id", "type": "bytes", "length": 1},
+    ]
+    assert (report["patch_size"], report["kernel_size_source"]) == ([8, 8], "assumed")
+    needs = report["earth_engine_ingestion"]["needs"]
+    assert not report["earth_engine_ingestion"]["ready"]
+    assert needs[0].startswith("a mixer") and "feature id is a bytes list" in needs[1]
+    assert any("no mixer for t" in w["message"] for w in report["warnings"])
 
 
 def test_a_missing_shard_number_breaks_the_order(ee_export, capsys):

@@ -438,8 +438,7 @@ def _read_records(report: RecordSetReport, shards: Sequence[Path]) -> dict[str, 
         except CorruptRecordError as exc:
             complete = False
             report.findings.violate(shard, _own_message(str(exc), shard), records)
-        with open(shard, "rb") as stream:
-            compressed = stream.read(2) == b"\x1f\x8b"
+        compressed = _is_gzip(shard)
         report.shards.append(
             ShardInfo(
                 str(shard),
@@ -453,6 +452,14 @@ def _read_records(report: RecordSetReport, shards: Sequence[Path]) -> dict[str, 
         if complete and records == 0:
             report.findings.warn(shard, "no records")
     return schema or {}
+
+
+def _is_gzip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
 
 
 def _schema_difference(first: dict[str, tuple[str, int]], found: dict[str, tuple[str, int]]) -> str:
