@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 from apache_beam.io.tfrecordio import _TFRecordUtil
+from earth_engine_files import write_earth_engine_export
 from onnx import TensorProto, helper, numpy_helper
 
 from terrabeam.cli import main
@@ -112,30 +113,6 @@ def test_an_export_with_its_mixer_elsewhere_reads_with_export_mixer(tmp_path, ex
     assert [sum(1 for _ in read_records(s)) for s in shards] == [3, 2, 2]
 
 
-def _export_as_earth_engine_names_it(folder, example_pb2, patches, shard_names, mixer_name):
-    """``patches`` split evenly over ``shard_names`` (in order), written with the protoc classes."""
-    folder.mkdir(parents=True)
-    per_shard = -(-len(patches) // len(shard_names))
-    for number, name in enumerate(shard_names):
-        buffer = io.BytesIO()
-        for patch in patches[number * per_shard : (number + 1) * per_shard]:
-            example = example_pb2.Example()
-            for band, values in zip(("B4", "B8"), patch, strict=True):
-                example.features.feature[band].float_list.value.extend(values.ravel().tolist())
-            _TFRecordUtil.write_record(buffer, example.SerializeToString())
-        (folder / name).write_bytes(gzip.compress(buffer.getvalue()))
-    mixer = {
-        "projection": {
-            "crs": "EPSG:32633",
-            "affine": {"doubleMatrix": [10.0, 0.0, 400000.0, 0.0, -10.0, 5600000.0]},
-        },
-        "patchDimensions": [W, H],
-        "patchesPerRow": PER_ROW,
-        "totalPatches": len(patches),
-    }
-    (folder / mixer_name).write_text(json.dumps(mixer))
-
-
 @pytest.mark.parametrize(
     ("shard_names", "mixer_name"),
     [
@@ -150,8 +127,8 @@ def test_an_export_named_otherwise_is_found_without_export_mixer(
     ``export.mixer``: predict finds them, in order, and deliver maps them."""
     rng = np.random.default_rng(6)
     patches = [rng.random((2, H + KH, W + KW)).astype(np.float32) for _ in range(6)]
-    _export_as_earth_engine_names_it(
-        tmp_path / "ws" / "r" / "export", example_pb2, patches, shard_names, mixer_name
+    write_earth_engine_export(
+        tmp_path / "ws" / "r" / "export", example_pb2, patches, shard_names, mixer_name, (W, H), PER_ROW
     )
     _identity_onnx(tmp_path / "id.onnx")
     config = tmp_path / "ee.yaml"

@@ -154,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     gcp.set_defaults(command_parser=gcp)
     gcp.add_argument("config", type=Path, help="pipeline YAML file")
     gcp.add_argument("--out", type=Path, required=True, help="folder to render into (replaced whole)")
+    inspect = commands.add_parser(
+        "inspect",
+        help="validate TFRecord shards + mixer (Earth Engine's or terrabeam's) and COGs",
+        description="Validate TFRecord shard sets in Earth Engine's layout (every record's CRC, features, "
+        "mixer, shard order, what Earth Engine ingestion needs) and COGs (rio-cogeo's verdict, "
+        "TERRABEAM_* tags). Exit 1 on any violation.",
+        parents=[verbosity],
+    )
+    inspect.set_defaults(command_parser=inspect)
+    inspect.add_argument(
+        "paths", nargs="+", type=Path, metavar="PATH", help="a folder, mixer, shard or GeoTIFF (.tif)"
+    )
+    inspect.add_argument("--json", action="store_true", help="one JSON document on stdout")
     history = {
         "resume": "continue run RUN from its first unfinished step (finished prediction shards are kept)",
         "runs": "list the runs of the workspace (status, durations, pixels)",
@@ -431,6 +444,15 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
 
     if args.command in ("runs", "status", "resume"):
         return _history_command(args, beam_args)
+    if args.command == "inspect":
+        from terrabeam.inspect import inspect_paths
+
+        inspection = inspect_paths(args.paths)
+        if args.json:
+            print(json.dumps(inspection.as_dict(), indent=2))
+        else:
+            print(inspection.summary(), file=sys.stderr)
+        return 0 if inspection.valid else 1
     config = load_config(args.config)
     if args.command == "deploy":
         from terrabeam.deploy.gcp import render_gcp

@@ -36,15 +36,28 @@ _SHARD = re.compile(r"^(?P<stem>.+?)(?:-(?P<number>\d{5}))?\.tfrecord(?:\.gz)?$"
 MIXER_FIELDS = ("projection", "patchDimensions", "patchesPerRow", "totalPatches")
 
 
+def parse_shard_name(name: str) -> tuple[str, int | None] | None:
+    """(prefix, shard number or None if unnumbered) of a shard's file name; None if it is no shard."""
+    match = _SHARD.match(name)
+    if match is None:
+        return None
+    number = match.group("number")
+    return match.group("stem"), None if number is None else int(number)
+
+
 def _shard_files(directory: Path) -> dict[str, list[tuple[int | None, Path]]]:
     """The TFRecord files of ``directory`` by stem, each with its shard number (None: unnumbered)."""
     groups: dict[str, list[tuple[int | None, Path]]] = {}
     for path in sorted(directory.iterdir()) if directory.is_dir() else []:
-        match = _SHARD.match(path.name)
-        if match and path.is_file():
-            number = match.group("number")
-            groups.setdefault(match.group("stem"), []).append((None if number is None else int(number), path))
+        parsed = parse_shard_name(path.name)
+        if parsed and path.is_file():
+            groups.setdefault(parsed[0], []).append((parsed[1], path))
     return groups
+
+
+def export_prefixes(directory: str | Path) -> list[str]:
+    """The prefixes of the TFRecord shard sets in ``directory``, sorted."""
+    return sorted(_shard_files(Path(directory)))
 
 
 def list_shards(directory: str | Path, prefix: str) -> list[Path]:
@@ -96,16 +109,20 @@ def find_export(directory: str | Path, prefix: str, mixer: Path | None = None) -
     manifest = manifest_path(directory, stem)
     return ExportFiles(
         stem,
-        mixer or _find_mixer(directory, stem),
+        mixer or find_mixer(directory, stem),
         list_shards(directory, stem),
         manifest if manifest.is_file() else None,
     )
 
 
-def _find_mixer(directory: Path, prefix: str) -> Path:
+def find_mixer(directory: str | Path, prefix: str) -> Path:
+    """The mixer of ``prefix`` in ``directory`` (see :func:`find_export`); InputError if none or several."""
+    directory = Path(directory)
     for name in (f"{prefix}-mixer.json", f"{prefix}mixer.json"):
         if (directory / name).is_file():
             return directory / name
+    if _has_mixer_fields(directory / f"{prefix}.json"):  # a single-file export's <prefix>.json
+        return directory / f"{prefix}.json"
     candidates = [path for path in sorted(directory.glob("*.json")) if _has_mixer_fields(path)]
     if len(candidates) == 1:
         return candidates[0]
