@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -39,6 +40,7 @@ CLASSES = ["clear", "cloud", "shadow"]
 COLORS = {"clear": "#3a7d44", "cloud": "#f2f2f2", "shadow": "#3b3b98"}  # examples/sentinel2-cloudmask.yaml
 TMS = morecantile.tms.get("WebMercatorQuad")
 REPO = Path(__file__).resolve().parents[1]
+FADE_MS = 1000  # Leaflet fades new tiles in (0.2 s): screenshots wait for them to settle
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +237,17 @@ def test_no_history_is_one_line_error(tmp_path, capsys):
     )
 
 
+def test_port_in_use_is_one_line_error(workspace, capsys):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main(["serve", "--workspace", str(workspace), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"terrabeam: error: cannot listen on 127.0.0.1:{port} (") and err.count("\n") == 1
+    assert err.endswith("; give another --port\n")
+
+
 def test_live_progress_of_a_running_run(tmp_path):
     """Synthetic: a run recorded as running, its step reporting through Progress into the run's
     progress file, as the runner arranges (next test); the API shows it."""
@@ -366,6 +379,7 @@ def test_the_page_in_chromium_with_no_network(server, workspace, chromium, artif
                 "document.querySelectorAll('.tiles-classes img.leaflet-tile-loaded').length >= 4"
             )
             page.wait_for_load_state("networkidle")
+            page.wait_for_timeout(FADE_MS)
             assert page.inner_text("#legend").split("\n") == ["0 clear", "1 cloud", "2 shadow"]
             page.screenshot(path=artifacts / "run-classes.png", full_page=True)
 
@@ -375,6 +389,7 @@ def test_the_page_in_chromium_with_no_network(server, workspace, chromium, artif
             )
             page.fill("#opacity", "0.5")
             page.wait_for_load_state("networkidle")
+            page.wait_for_timeout(FADE_MS)
             assert "P(cloud)" in page.inner_text("#legend")
             page.screenshot(path=artifacts / "run-probability-cloud.png", full_page=True)
             assert errors == [], errors
