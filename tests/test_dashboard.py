@@ -284,8 +284,10 @@ def test_runner_writes_the_progress_file_while_a_step_runs(tiny_pipeline):
         seen.append(json.loads((workspace.run_dir / RUN_FILE).read_text()))
         return steps.StepReport("map", 0.1, {"patches": 2, "region_pixels": [70, 50], "outputs": []})
 
-    record = Runner(config, Path(document["workspace"]), step_functions={"map": step}).run("r")
+    root = Path(document["workspace"])
+    record = Runner(config, root, step_functions={"map": step}).run("r")
     assert record.status == "done" and steps.run_steps(config) == ["map"]
+    assert not (root / "r" / RUN_FILE).exists()  # gone with the step
     assert seen and {k: seen[0][k] for k in ("label", "done", "total", "unit")} == {
         "label": "map",
         "done": 2,

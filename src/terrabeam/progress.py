@@ -28,13 +28,15 @@ _progress_path: Path | None = None  # set by progress_file; a module global: wat
 @contextmanager
 def progress_file(path: Path) -> Iterator[None]:
     """While inside, every Progress also writes ``{label, done, total, unit, rate, updated}`` to
-    ``path`` (replaced whole, at most every FILE_INTERVAL and when it closes); best effort."""
+    ``path`` (replaced whole, at most every FILE_INTERVAL and when it closes); best effort. The file
+    is removed on the way out: it tells of a step in progress only."""
     global _progress_path
     previous, _progress_path = _progress_path, path
     try:
         yield
     finally:
         _progress_path = previous
+        path.unlink(missing_ok=True)
 
 
 class Progress:
