@@ -6,8 +6,10 @@ STAMP  := $(VENV)/.installed-stamp
 DATA   := data/demo/.complete
 # PostgreSQL + PostGIS for the STAC API tests, as APT_PACKAGES in tests/stac_services.py
 PG_APT := postgresql postgresql-postgis
+# Chromium for the dashboard's browser test (tests/test_dashboard.py drives it with Playwright)
+BROWSER_APT := chromium
 
-.PHONY: demo test postgis test-slow fuzz bench example-landcover clean
+.PHONY: demo test postgis browser serve test-slow fuzz bench example-landcover clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +31,18 @@ postgis: | $(STAMP)  ## PostgreSQL + PostGIS for the STAC API tests: apt-get (as
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $(PG_APT) >/dev/null && \
 	  $(PY) tests/stac_services.py check; }
 
-test: $(STAMP) $(DATA) postgis  ## lint and run the test suite
+browser:  ## Chromium for the dashboard's browser test: apt-get (as root) only when missing
+	@command -v chromium >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] || { echo "chromium missing: as root, apt-get install $(BROWSER_APT)" >&2; exit 1; }; \
+	  echo "installing Chromium: apt-get install $(BROWSER_APT)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $(BROWSER_APT) >/dev/null && \
+	  command -v chromium >/dev/null; }
+
+serve: $(STAMP)  ## the dashboard of ./workspace at http://127.0.0.1:8765/ (after `make demo`)
+	$(VENV)/bin/terrabeam serve --workspace workspace
+
+test: $(STAMP) $(DATA) postgis browser  ## lint and run the test suite
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(PY) -m pytest
 

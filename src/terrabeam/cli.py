@@ -188,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name != "resume":
             sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    text = "serve a read-only web dashboard of the workspace: runs, steps, outputs, maps (API under /api)"
+    serve = commands.add_parser("serve", help=text, description=text, parents=[verbosity])
+    serve.set_defaults(command_parser=serve)
+    serve.add_argument(
+        "--workspace", default="workspace", help="workspace root: folder or URI (default: ./workspace)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0: a free one)")
+    serve.add_argument("--basemap", help="XYZ tile URL template of an online base layer (default: none)")
     return parser
 
 
@@ -453,6 +462,11 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
         else:
             print(inspection.summary(), file=sys.stderr)
         return 0 if inspection.valid else 1
+    if args.command == "serve":
+        from terrabeam.serve.app import serve
+
+        serve(args.workspace, args.host, args.port, args.basemap, args.verbose)
+        return 0
     config = load_config(args.config)
     if args.command == "deploy":
         from terrabeam.deploy.gcp import render_gcp

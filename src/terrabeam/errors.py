@@ -55,6 +55,10 @@ class DeployError(TerrabeamError):
     """A deployment cannot be rendered: the output folder or the files to bundle are not usable."""
 
 
+class ServeError(TerrabeamError):
+    """`terrabeam serve` cannot listen on the host and port asked for (in use, or not this machine's)."""
+
+
 class DiskFullError(TerrabeamError):
     """No space left on the device being written (the path in the message): free space, then resume."""
 

@@ -1,19 +1,42 @@
 """Progress of long steps: a bar on a terminal (done / total, rate, ETA, via tqdm), plain log lines
-at every 10 % otherwise, so CI logs and files stay readable."""
+at every 10 % otherwise, so CI logs and files stay readable; inside ``progress_file`` also a small
+JSON file, the live progress `terrabeam serve` shows."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TextIO
 
 from tqdm import tqdm
 
 log = logging.getLogger("terrabeam.progress")
+
+RUN_FILE = ".progress.json"  # the progress file in a run's folder, while a step of it runs
+FILE_INTERVAL = 0.5  # seconds between two writes of the progress file
+
+_progress_path: Path | None = None  # set by progress_file; a module global: watchers are threads
+
+
+@contextmanager
+def progress_file(path: Path) -> Iterator[None]:
+    """While inside, every Progress also writes ``{label, done, total, unit, rate, updated}`` to
+    ``path`` (replaced whole, at most every FILE_INTERVAL and when it closes); best effort. The file
+    is removed on the way out: it tells of a step in progress only."""
+    global _progress_path
+    previous, _progress_path = _progress_path, path
+    try:
+        yield
+    finally:
+        _progress_path = previous
+        path.unlink(missing_ok=True)
 
 
 class Progress:
@@ -25,6 +48,8 @@ class Progress:
         self.done = 0
         self.start = time.perf_counter()
         self._next_report = 0.1
+        self._file, self._file_written = _progress_path, 0.0
+        self._write_file()
         self._bar = (
             tqdm(total=total, desc=label, unit=unit, file=self.stream, leave=True, dynamic_ncols=True)
             if getattr(self.stream, "isatty", lambda: False)() and log.level <= logging.INFO
@@ -33,6 +58,8 @@ class Progress:
 
     def advance(self, count: int = 1) -> None:
         self.done += count
+        if time.perf_counter() - self._file_written >= FILE_INTERVAL:
+            self._write_file()
         if self._bar is not None:
             self._bar.update(count)
             return
@@ -45,7 +72,23 @@ class Progress:
             while self._next_report <= self.done / self.total:
                 self._next_report += 0.1
 
+    def _write_file(self) -> None:
+        if self._file is None:
+            return
+        now = time.perf_counter()
+        elapsed = now - self.start
+        state = {"label": self.label, "done": self.done, "total": self.total, "unit": self.unit}
+        state |= {"rate": self.done / elapsed if elapsed > 0 else 0.0, "updated": time.time()}
+        partial = self._file.with_name(f".{self._file.name}.partial")
+        try:
+            partial.write_text(json.dumps(state))
+            os.replace(partial, self._file)
+        except OSError:  # the progress file must never fail the step it reports on
+            return
+        self._file_written = now
+
     def close(self) -> None:
+        self._write_file()
         if self._bar is not None:
             self._bar.close()
 

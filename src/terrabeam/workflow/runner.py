@@ -30,6 +30,7 @@ from terrabeam.errors import (
     find_cause,
     signal_number,
 )
+from terrabeam.progress import RUN_FILE, progress_file
 from terrabeam.workflow import steps
 from terrabeam.workflow.state import RunRecord, RunState
 from terrabeam.workflow.tasks import LocalTask, RunContext, StepTask, start_and_poll, task_for
@@ -236,7 +237,8 @@ class Runner:
             context = RunContext(run_id, window, record.created, recorded)
             task = self._task(name, workspace, beam_args, context)
             try:
-                report = self._start_and_poll(task, state, run_id, name)
+                with progress_file(workspace.run_dir / RUN_FILE):
+                    report = self._start_and_poll(task, state, run_id, name)
             except BaseException as exc:
                 interrupt = find_cause(exc, KeyboardInterrupt)
                 if interrupt is not None:

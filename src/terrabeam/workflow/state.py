@@ -90,9 +90,16 @@ RESERVE_BYTES = 256 * 2**10  # room for a few dozen WAL frames: enough to record
 class RunState:
     """The workspace's run database."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, read_only: bool = False) -> None:
+        """``read_only``: open the database with SQLite's ``mode=ro`` (it must exist; no schema, no
+        reserve file): for readers such as ``terrabeam serve`` that must never change a run."""
         self.path = path
         self.reserve = path.with_name(f".{path.name}.reserve")
+        if read_only:
+            uri = f"{path.resolve().as_uri()}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=60, isolation_level=None)
         self._db.row_factory = sqlite3.Row
