@@ -163,13 +163,13 @@ def test_terrabeams_run_folder_export_predictions_and_cogs(terrabeam_run, capsys
     assert set(cog["terrabeam_tags"]) >= {"TERRABEAM_VERSION", "TERRABEAM_MODEL", "TERRABEAM_CONFIG_HASH"}
 
 
-def test_human_output_goes_to_stderr(terrabeam_run, capsys):
+def test_human_output_is_the_verdict_without_json(terrabeam_run, capsys):
     capsys.readouterr()
     assert main(["inspect", str(terrabeam_run / "predict")]) == 0
     out, err = capsys.readouterr()
-    assert out == ""
-    assert "predictions*: 6 shards, 12 records, every CRC checked" in err
-    assert "Earth Engine ingestion: ready" in err and err.rstrip().endswith("inspected 1 file set: valid")
+    assert err == ""
+    assert "predictions*: 6 shards, 12 records, every CRC checked" in out
+    assert "Earth Engine ingestion: ready" in out and out.rstrip().endswith("inspected 1 file set: valid")
 
 
 # --- damaged ---------------------------------------------------------------------------------------

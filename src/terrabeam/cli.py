@@ -116,12 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
             new_run=name in ("run", "export"),
             with_run=name not in ("schedule", "validate", "compare-precision"),
         )
+        _json_flag(sub)
         if name == "compare-precision":
             sub.add_argument(
                 "--precision", choices=["bf16", "fp16"], default="bf16", help="the reduced precision"
             )
             sub.add_argument("--patches", type=int, default=16, help="patches in the sample (default 16)")
-            sub.add_argument("--json", action="store_true", help="one JSON document on stdout")
         if name == "schedule":
             sub.add_argument("--once", action="store_true", help="run the due windows, then exit")
         if name == "run":
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     gcp.set_defaults(command_parser=gcp)
     gcp.add_argument("config", type=Path, help="pipeline YAML file")
     gcp.add_argument("--out", type=Path, required=True, help="folder to render into (replaced whole)")
+    _json_flag(gcp)
     inspect = commands.add_parser(
         "inspect",
         help="validate TFRecord shards + mixer (Earth Engine's or terrabeam's) and COGs",
@@ -166,11 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "paths", nargs="+", type=Path, metavar="PATH", help="a folder, mixer, shard or GeoTIFF (.tif)"
     )
-    inspect.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    _json_flag(inspect)
     history = {
         "resume": "continue run RUN from its first unfinished step (finished prediction shards are kept)",
         "runs": "list the runs of the workspace (status, durations, pixels)",
         "status": "show one run and its steps (status, attempts, seconds, errors, outputs)",
+        "open": "where run RUN's map is, and its page in the dashboard ('terrabeam serve')",
     }
     for name, text in history.items():
         sub = commands.add_parser(
@@ -182,12 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.set_defaults(command_parser=sub)
         if name != "runs":
-            sub.add_argument("run_id", metavar="RUN", help="run id")
+            sub.add_argument("run_id", metavar="RUN", help="run id, or 'latest' (the newest run)")
         sub.add_argument(
             "--workspace", default="workspace", help="workspace root: folder or URI (default: ./workspace)"
         )
-        if name != "resume":
-            sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        _json_flag(sub)
+        if name == "open":
+            sub.add_argument("--port", type=int, default=8765, help="the dashboard's port (default: 8765)")
+            sub.add_argument(
+                "--browser", action="store_true", help="open the dashboard's page (else the quicklook) too"
+            )
     text = "serve a read-only web dashboard of the workspace: runs, steps, outputs, maps (API under /api)"
     serve = commands.add_parser("serve", help=text, description=text, parents=[verbosity])
     serve.set_defaults(command_parser=serve)
@@ -197,12 +203,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0: a free one)")
     serve.add_argument("--basemap", help="XYZ tile URL template of an online base layer (default: none)")
+    text = 'print a shell completion script: eval "$(terrabeam completion bash)" (or zsh, tcsh)'
+    completion = commands.add_parser("completion", help=text, description=text, parents=[verbosity])
+    completion.set_defaults(command_parser=completion)
+    completion.add_argument("shell", choices=["bash", "zsh", "tcsh"], help="the shell")
     return parser
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help="exactly one JSON document on stdout (any other text on stderr)"
+    )
+
+
+def _emit(args: argparse.Namespace, document: object, text: str) -> None:
+    """The command's result: with --json one JSON document on stdout, else ``text``."""
+    if args.json:
+        print(json.dumps(document, indent=2, default=str))
+    else:
+        print(text)
 
 
 def _print_runs(records, as_json: bool) -> None:
     if as_json:
-        print(json.dumps([r.to_dict() for r in records], indent=2, default=str))
+        print(json.dumps({"runs": [r.to_dict() for r in records]}, indent=2, default=str))
         return
     print(f"{'run':<22} {'pipeline':<24} {'status':<11} {'seconds':>8} {'pixels':>10}  window")
     for r in records:
@@ -281,6 +305,9 @@ def _history_command(args: argparse.Namespace, beam_args: list[str]) -> int:
         if args.command == "runs":
             _print_runs(state.list_runs(), args.json)
             return 0
+        runs = state.list_runs()
+        if args.run_id == "latest" and runs:
+            args.run_id = max(runs, key=lambda r: r.created).id
         record = state.get_run(args.run_id)
     finally:
         state.close()
@@ -289,18 +316,57 @@ def _history_command(args: argparse.Namespace, beam_args: list[str]) -> int:
     if args.command == "status":
         _print_status(record, args.json)
         return 1 if record.status in ("failed", "interrupted") else 0
+    if args.command == "open":
+        return _open(args, root, record)
     if not record.config_path:
         raise WorkspaceError(f"run {record.id} has no recorded configuration file; run the config again")
     config = load_config(record.config_path)
     record = Runner(config, root, remote=remote).run(record.id, None, beam_args)
-    print(
-        f"run {record.id}: {record.status}; summary: {Workspace(root, record.id, remote).location}/summary.json"
-    )
+    _report_run(args, root, remote, record)
+    return 0
+
+
+def _report_run(args: argparse.Namespace, root: Path, remote: str | None, record) -> None:
+    summary = f"{Workspace(root, record.id, remote).location}/summary.json"
+    if record.status == "no_data":
+        text = f"run {record.id}: no data ({record.error}); nothing delivered"
+    else:
+        text = "\n".join([*record.outputs, f"run {record.id}: {record.status}; summary: {summary}"])
+    _emit(args, record.to_dict() | {"summary": summary}, text)
+
+
+def _open(args: argparse.Namespace, root: Path, record) -> int:
+    """The run's map files and its dashboard page; --browser opens the page (the quicklook if no
+    dashboard answers on --port)."""
+    import socket
+    import webbrowser
+
+    deliver = root / record.id / "deliver"
+    maps = sorted(str(p) for p in deliver.glob("*.tif")) + sorted(str(p) for p in deliver.glob("*.vrt"))
+    quicklooks = sorted(str(p) for p in deliver.glob("*-quicklook.png"))
+    url = f"http://127.0.0.1:{args.port}/#/runs/{record.id}"
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        serving = probe.connect_ex(("127.0.0.1", args.port)) == 0
+    hint = "" if serving else f" (start it with: terrabeam serve --workspace {root} --port {args.port})"
+    document = {
+        "run": record.id,
+        "status": record.status,
+        "maps": maps,
+        "quicklooks": quicklooks,
+        "dashboard": url,
+        "dashboard_running": serving,
+    }
+    lines = [f"run {record.id}: {record.status}", *(f"map        {m}" for m in maps)]
+    lines += [f"quicklook  {q}" for q in quicklooks] + [f"dashboard  {url}{hint}"]
+    _emit(args, document, "\n".join(lines))
+    if args.browser:
+        webbrowser.open(url if serving or not quicklooks else Path(quicklooks[0]).as_uri())
     return 0
 
 
 def _schedule(
-    config: PipelineConfig, root: Path, remote: str | None, once: bool, beam_args: list[str]
+    config: PipelineConfig, root: Path, remote: str | None, args: argparse.Namespace, beam_args: list[str]
 ) -> int:
     import signal
     import threading
@@ -310,9 +376,11 @@ def _schedule(
 
     runner = Runner(config, root, remote=remote)
     scheduler = Scheduler(config, root, lambda window: runner.run(None, window, beam_args))
-    if once:
+    if args.once:
         ran = scheduler.run_due()
-        print(json.dumps({"windows_run": [list(w) for w in ran]}, indent=2))
+        windows = [list(w) for w in ran]
+        text = "\n".join(f"ran window {start}/{end}" for start, end in windows) or "no window due"
+        _emit(args, {"windows_run": windows}, text)
         return 0
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -451,16 +519,18 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
     from terrabeam.workflow import steps
     from terrabeam.workflow.runner import Runner
 
-    if args.command in ("runs", "status", "resume"):
+    if args.command == "completion":
+        import shtab
+
+        print(shtab.complete(build_parser(), shell=args.shell))
+        return 0
+    if args.command in ("runs", "status", "resume", "open"):
         return _history_command(args, beam_args)
     if args.command == "inspect":
         from terrabeam.inspect import inspect_paths
 
         inspection = inspect_paths(args.paths)
-        if args.json:
-            print(json.dumps(inspection.as_dict(), indent=2))
-        else:
-            print(inspection.summary(), file=sys.stderr)
+        _emit(args, inspection.as_dict(), inspection.summary())
         return 0 if inspection.valid else 1
     if args.command == "serve":
         from terrabeam.serve.app import serve
@@ -472,39 +542,34 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
         from terrabeam.deploy.gcp import render_gcp
 
         files = render_gcp(config, args.out)
-        print(f"{args.out}: {len(files)} files; review them, then run {args.out / 'deploy.sh'}")
+        text = f"{args.out}: {len(files)} files; review them, then run {args.out / 'deploy.sh'}"
+        _emit(args, {"out": str(args.out), "files": [str(f) for f in files]}, text)
         return 0
     if args.command == "compare-precision":
         from terrabeam.predict.precision import compare_precision
 
         with steps.gdal_env():
             report = compare_precision(config, args.precision, max(1, args.patches))
-        if args.json:
-            print(json.dumps(report.as_dict(), indent=2))
-        else:
-            d = report.as_dict()
-            print(
-                f"{d['candidate']} vs {d['reference']} on {d['patches']} patches: "
-                f"{100 * d['agreement']:.3f} % of pixels in the same class, largest difference "
-                f"{d['max_abs_difference']:.4g}, {d['speed_ratio']:.2f}× the speed"
-            )
+        d = report.as_dict()
+        text = (
+            f"{d['candidate']} vs {d['reference']} on {d['patches']} patches: "
+            f"{100 * d['agreement']:.3f} % of pixels in the same class, largest difference "
+            f"{d['max_abs_difference']:.4g}, {d['speed_ratio']:.2f}× the speed"
+        )
+        _emit(args, d, text)
         return 0
     if args.command == "validate":
         steps.validate(config)
-        print(f"{args.config}: valid (config hash {config.fingerprint()})")
+        text = f"{args.config}: valid (config hash {config.fingerprint()})"
+        _emit(args, {"config": str(args.config), "valid": True, "config_hash": config.fingerprint()}, text)
         return 0
     root, remote = _root(config, args)
     if args.command == "schedule":
-        return _schedule(config, root, remote, args.once, beam_args)
+        return _schedule(config, root, remote, args, beam_args)
     if args.command == "run":
         runner = Runner(config, root, remote=remote)
         record = runner.run(args.run_id, args.window, beam_args, args.force, not args.no_wait)
-        if record.status == "no_data":
-            print(f"run {record.id}: no data ({record.error}); nothing delivered")
-            return 0
-        print(json.dumps(record.outputs, indent=2))
-        summary = f"{Workspace(root, record.id, remote).location}/summary.json"
-        print(f"run {record.id}: {record.status}; summary: {summary}")
+        _report_run(args, root, remote, record)
         return 0
     if args.command == "predict":
         report_args = beam_args
@@ -513,13 +578,10 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
         steps.check_access(config)
     workspace = _workspace(config, args, new_run=args.command == "export")
     report = run_step_alone(args.command, config, workspace, report_args)
-    print(
-        json.dumps(
-            {"run": workspace.run_id, "step": report.name, "seconds": round(report.seconds, 3)}
-            | report.details,
-            indent=2,
-        )
-    )
+    document = {"run": workspace.run_id, "step": report.name, "seconds": round(report.seconds, 3)}
+    document |= report.details
+    shown = ", ".join(f"{k} {v}" for k, v in report.details.items() if not isinstance(v, list | dict))
+    _emit(args, document, f"run {workspace.run_id}: {report.name} done in {report.seconds:.1f} s; {shown}")
     return 0
 
 

@@ -24,6 +24,7 @@ from pydantic import (
     PrivateAttr,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -312,6 +313,17 @@ class GridConfig(_Strict):
     kernel_size: tuple[int, int] = Field(
         (0, 0), description="margin [kw, kh]: kw/2 and kh/2 extra pixels on each side"
     )
+
+    @field_validator("patch_size", "kernel_size", mode="before")
+    @classmethod
+    def _one_number_or_two(cls, value: Any, info: ValidationInfo) -> Any:
+        """``patch_size: 256`` means 256 × 256; a list must hold two numbers."""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return (value, value)
+        if isinstance(value, list | tuple) and len(value) == 2:
+            return value
+        names = "width, height" if info.field_name == "patch_size" else "kw, kh"
+        raise ValueError(f"give [{names}] or one number")
 
     @field_validator("patch_size")
     @classmethod
@@ -859,13 +871,17 @@ class PipelineConfig(_Strict):
 
 
 def _format_errors(source: str, error: ValidationError) -> str:
-    lines = [f"{source}: invalid configuration"]
+    """One line for one problem (``file: field = value: what to do``), else a line per problem."""
+    lines = [f"{source}: invalid configuration ({error.error_count()} problems)"]
     for item in error.errors():
         parts = [str(p) for p in item["loc"]]
         if parts[:1] == ["source"] and parts[1:2] in (["raster"], ["earthengine"]):
             del parts[1]  # the source kind's union tag, not a field the user wrote
         location = ".".join(parts) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing":
+            lines.append(f"  {location}: missing (required)")
+            continue
         value = item.get("input")
         if isinstance(value, str) and value and message.startswith(value):
             lines.append(f"  {location}: {message}")  # a sentence about the value: no need to repeat it
@@ -874,6 +890,8 @@ def _format_errors(source: str, error: ValidationError) -> str:
         if len(shown) > 80:
             shown = shown[:77] + "..."
         lines.append(f"  {location} = {shown}: {message}")
+    if len(lines) == 2:
+        return f"{source}: {lines[1].strip()}"
     return "\n".join(lines)
 
 
@@ -893,11 +911,21 @@ def load_config(path: str | Path) -> PipelineConfig:
     """Read and validate a pipeline YAML file."""
     path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        document = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: configuration file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not a configuration file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; a pipeline config is YAML") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    if document is None:
+        raise ConfigError(f"{path}: the file is empty; a pipeline config is a YAML mapping (see examples/)")
     config = parse_config(document, path.parent, source=str(path))
     config._source_path = path.resolve()
     return config

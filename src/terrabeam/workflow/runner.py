@@ -143,7 +143,7 @@ class Runner:
             try:
                 record = self._open_run(state, run_id, window, force)
                 if record.status == "done":
-                    log.warning("run %s already delivered; nothing to do", record.id)
+                    log.info("run %s already delivered; nothing to do", record.id)
                     return record
                 return self._execute(state, record, beam_args)
             finally:
@@ -180,7 +180,7 @@ class Runner:
         window = (record.window_start, record.window_end) if record.window_start else None
         workspace = Workspace(self.root, record.id, self.remote, window)
         for leftover in workspace.remove_leftovers():
-            log.warning("removed %s, left by an interrupted step", leftover)
+            log.info("removed %s, left by an interrupted step", leftover)
         workspace.claim(config.name, config.fingerprint(), same_config=True)
         state.reopen_run(record.id)
         reports = []
@@ -195,12 +195,12 @@ class Runner:
                     kept.append(step.name)
                     continue
                 if kept:
-                    log.warning("run %s: resuming at %s (%s kept)", record.id, step.name, ", ".join(kept))
+                    log.info("run %s: resuming at %s (%s kept)", record.id, step.name, ", ".join(kept))
                     kept = []
                 report = self._attempt(state, record, step.name, workspace, beam_args)
                 for part, what in (("shards", "prediction shards"), ("tiles", "map tiles")):
                     if reused := report.details.get(f"{part}_reused"):
-                        log.warning("run %s: %d of %d %s kept", record.id, reused, report.details[part], what)
+                        log.info("run %s: %d of %d %s kept", record.id, reused, report.details[part], what)
                 reports.append(report)
                 steps.release_free_memory()
             summary = steps.write_summary(config, workspace, reports, validate_seconds)
@@ -208,7 +208,7 @@ class Runner:
             interrupt = find_cause(exc, KeyboardInterrupt)
             empty = find_cause(exc, NoDataError)
             if empty is not None:  # nothing to predict in this window: not a failure
-                log.warning("run %s: %s", record.id, empty)
+                log.info("run %s: %s", record.id, empty)
                 state.finish_run(record.id, "no_data", error=_one_line(empty))
                 return state.get_run(record.id)
             status, error = ("failed", _one_line(exc)) if interrupt is None else _interrupted(interrupt)

@@ -94,7 +94,7 @@ class Scheduler:
         """Run every due window, oldest first; a failure is logged and retried at the next look."""
         ran = []
         for window in self.due():
-            log.warning("running window %s – %s", *window)
+            log.info("running window %s – %s", *window)
             try:
                 self.run_window(window)
             except Exception as exc:  # keep serving: the window stays due
