@@ -163,6 +163,14 @@ def test_huge_region_planned_quickly_and_refused(huge_region, capsys):
     check_limits(load_config(config), confirmed=True)  # --yes: no plan, no refusal
 
 
+def test_schedule_refused_too(huge_region, capsys):
+    """Synthetic: a scheduled pipeline over the limits is refused once, before any window runs."""
+    document, write = huge_region
+    document["schedule"] = {"cron": "0 6 1 * *", "start": "2024-01-01"}
+    assert main(["schedule", write(document), "--once"]) == 1
+    assert "limits.max_patches" in capsys.readouterr().err
+
+
 def test_limits_from_the_config(huge_region, capsys):
     """Synthetic: limits are the config's; null lifts one; scratch has its own limit."""
     document, write = huge_region
