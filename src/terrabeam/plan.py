@@ -323,7 +323,7 @@ def make_plan(config: PipelineConfig, calibrate_here: bool = True) -> Plan:
     from terrabeam.predict.pipeline import prediction_bands
     from terrabeam.sinks.tiles import WriteMapTiles
     from terrabeam.workflow.maps import single_file
-    from terrabeam.workflow.steps import one_pipeline, run_steps
+    from terrabeam.workflow.steps import run_steps
 
     grid, (region_width, region_height) = plan_grid(config)
     tiling = Tiling.for_grid(grid, region_width, region_height, config.outputs.tile_size)
@@ -360,9 +360,7 @@ def make_plan(config: PipelineConfig, calibrate_here: bool = True) -> Plan:
     workers = config.runner.workers if config.runner.kind == "local" else 1
     tile_raw = tile_w * tile_h * sum(per_pixel)
     scratch = workers * (1 + WriteMapTiles.WRITE_BEHIND) * tile_raw
-    scratch += sum(
-        s.count * s.bytes_per_shard for s in shards if not one_pipeline(config) or s.kind != "export"
-    )
+    scratch += sum(s.count * s.bytes_per_shard for s in shards)
     if config.runner.kind != "local":
         assumptions.append("scratch_bytes: per worker of the runner (on its disks)")
 
