@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--patches", type=int, default=16, help="patches in the sample (default 16)")
         if name == "schedule":
             sub.add_argument("--once", action="store_true", help="run the due windows, then exit")
+        if name in ("run", "schedule"):
+            sub.add_argument(
+                "--yes", action="store_true", help="start even if the plan is over the config's limits:"
+            )
         if name == "run":
             sub.add_argument(
                 "--window",
@@ -136,6 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="refuse instead of queueing behind a running pipeline of the same name",
             )
+    plan = commands.add_parser(
+        "plan",
+        help="what a run will do and cost, before any work: patches, tiles, shards, bytes, scratch "
+        "disk, memory, time on this machine (a short calibration), Dataflow worker-hours and cost",
+        description="What a run of CONFIG will do and cost, before any work (see README, 'Plan').",
+        parents=[verbosity],
+    )
+    plan.set_defaults(command_parser=plan)
+    plan.add_argument("config", type=Path, help="pipeline YAML file")
+    plan.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    plan.add_argument(
+        "--no-calibrate", action="store_true", help="no calibration: counts and sizes only, no time"
+    )
     deploy = commands.add_parser(
         "deploy",
         help="render what runs the pipeline in the cloud (images, templates, workflow, schedule, script)",
@@ -558,12 +575,21 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
         )
         _emit(args, d, text)
         return 0
+    if args.command == "plan":
+        from terrabeam.plan import print_plan
+
+        print_plan(config, args.json, calibrate=not args.no_calibrate)
+        return 0
     if args.command == "validate":
         steps.validate(config)
         text = f"{args.config}: valid (config hash {config.fingerprint()})"
         _emit(args, {"config": str(args.config), "valid": True, "config_hash": config.fingerprint()}, text)
         return 0
     root, remote = _root(config, args)
+    if args.command in ("run", "schedule"):
+        from terrabeam.plan import check_limits
+
+        check_limits(config, args.yes)
     if args.command == "schedule":
         return _schedule(config, root, remote, args, beam_args)
     if args.command == "run":

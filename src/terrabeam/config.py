@@ -730,6 +730,44 @@ class ScheduleConfig(_Strict):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+class LimitsConfig(_Strict):
+    """What `terrabeam run` starts without asking: a plan above a limit is refused unless --yes."""
+
+    max_patches: int | None = Field(
+        100_000,
+        ge=1,
+        description="patches in the grid at most (null: no limit); 100 000 patches of 192 px are "
+        "about 30 Sentinel-2 tiles at 20 m",
+    )
+    max_scratch_bytes: int | None = Field(
+        100 * 2**30,
+        ge=1,
+        description="temporary disk a run needs at most, bytes (null: no limit): map tiles in flight, "
+        "their prediction records (outputs.tfrecord), an export downloaded for predict",
+    )
+
+
+class PlanConfig(_Strict):
+    """`terrabeam plan`: the calibration and the Dataflow price table."""
+
+    prices: dict[str, float] = Field(
+        default_factory=dict,
+        description="Dataflow worker machine type → US$ per worker-hour, over the built-in list prices "
+        "(terrabeam plan --json shows which were used and their date)",
+    )
+    calibration_patches: int = Field(
+        8, ge=1, description="real patches read, predicted and encoded to time this machine"
+    )
+
+    @field_validator("prices")
+    @classmethod
+    def _positive_prices(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = sorted(name for name, price in value.items() if not price > 0)
+        if bad:
+            raise ValueError(f"prices of {bad} must be positive US$ per worker-hour")
+        return value
+
+
 class GcpDeployConfig(_Strict):
     """Google Cloud deployment (`terrabeam deploy gcp`); project, region and buckets come from runner."""
 
@@ -787,6 +825,8 @@ class PipelineConfig(_Strict):
     workflow: WorkflowConfig = WorkflowConfig()
     schedule: ScheduleConfig | None = None
     deploy: DeployConfig | None = None
+    limits: LimitsConfig = LimitsConfig()
+    plan: PlanConfig = PlanConfig()
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source_path: Path | None = PrivateAttr(default=None)
@@ -865,8 +905,11 @@ class PipelineConfig(_Strict):
         return self._source_path
 
     def fingerprint(self) -> str:
-        """A short hash of the validated configuration (same settings, same hash)."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """A short hash of the validated configuration (same settings, same hash). ``limits`` and
+        ``plan`` are left out: they change what may start, not what a run makes, so raising a limit
+        does not turn an unfinished run into a new one."""
+        document = self.model_dump(mode="json", exclude={"limits", "plan"})
+        canonical = json.dumps(document, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

@@ -37,25 +37,34 @@ class PrecisionReport:
         }
 
 
-def sample_patches(config: PipelineConfig, count: int) -> np.ndarray:
-    """Up to ``count`` prepared patches (N, C, H, W), from patch rows spread over the grid."""
+def read_sample(config: PipelineConfig, count: int) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """Up to ``count`` patches as the source reads them, (grid index, {band: (H, W) float32}), from
+    patch rows spread over the grid, a block of patches at the start of each row."""
     if config.source.kind != "raster":
-        raise ConfigError("compare-precision reads its sample from raster sources (source.kind: raster)")
+        raise ConfigError("the sample of patches is read from raster sources (source.kind: raster)")
     from terrabeam.sources.raster import RasterPatchReader, export_grid
 
     grid, _ = export_grid(config)
-    model = config.model
-    norm = model.normalization
-    prepare = PreparePatch(model.input_bands, norm.factors() if norm else None, model.nodata)
     rows = np.unique(np.linspace(0, grid.patch_rows - 1, num=min(grid.patch_rows, count)).astype(int))
     per_row = max(1, -(-count // len(rows)))
     patches = []
     with RasterPatchReader(config, grid, config.grid.kernel_size) as reader:
         for row in rows:
-            for index, bands in reader.read_block(int(row), 0, min(per_row, grid.patches_per_row)):
-                (_, patch), *_ = prepare.process((index, bands))
-                patches.append(patch)
-    return np.stack(patches[:count])
+            patches += reader.read_block(int(row), 0, min(per_row, grid.patches_per_row))
+    return patches[:count]
+
+
+def prepare_sample(config: PipelineConfig, patches: list[tuple[int, dict[str, np.ndarray]]]) -> np.ndarray:
+    """The model's input (N, C, H, W) for patches of :func:`read_sample`: bands stacked, normalised."""
+    model = config.model
+    norm = model.normalization
+    prepare = PreparePatch(model.input_bands, norm.factors() if norm else None, model.nodata)
+    return np.stack([next(iter(prepare.process(patch)))[1] for patch in patches])
+
+
+def sample_patches(config: PipelineConfig, count: int) -> np.ndarray:
+    """Up to ``count`` prepared patches (N, C, H, W), from patch rows spread over the grid."""
+    return prepare_sample(config, read_sample(config, count))
 
 
 def _timed(predictor, batches: list[np.ndarray], config: PipelineConfig, margin) -> tuple[np.ndarray, float]:
