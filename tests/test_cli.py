@@ -4,6 +4,7 @@ latest run of the config. Synthetic scene and 1×1-conv model (tiny_pipeline).""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -32,18 +33,18 @@ def test_steps_one_by_one_use_the_latest_run(tmp_path, tiny_pipeline):
     config = write()
     first = _terrabeam("export", config, "--run", "older")
     assert first.returncode == 0, first.stderr
-    exported = _terrabeam("export", config)
+    exported = _terrabeam("export", config, "--json")
     assert exported.returncode == 0, exported.stderr
     run = json.loads(exported.stdout)["run"]
     for step in ("predict", "deliver"):
-        result = _terrabeam(step, config)
+        result = _terrabeam(step, config, "--json")
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["run"] == run
     assert (tmp_path / "ws" / run / "deliver" / "tiny-quicklook.png").exists()
     assert not (tmp_path / "ws" / "older" / "predict").exists()
     # Beam's start-up warnings stay quiet without --verbose; off a terminal, progress is logged
     lines = exported.stderr.splitlines()
-    assert lines and all(line.startswith("INFO terrabeam.progress: export: ") for line in lines)
+    assert lines and all(PROGRESS.match(line) and line.startswith("terrabeam: export: ") for line in lines)
 
 
 def test_help_explains_every_step():
@@ -53,8 +54,13 @@ def test_help_explains_every_step():
     assert "--runner=DirectRunner" in _terrabeam("predict", "--help").stdout
 
 
+PROGRESS = re.compile(
+    r"terrabeam: \w+: \d+/\d+ \w+, [\d.]+/s, ETA \d+ s$"
+)  # progress.py's line off a terminal
+
+
 def _progress_free(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if not line.startswith("INFO terrabeam.progress:")]
+    return [line for line in stderr.splitlines() if not PROGRESS.match(line)]
 
 
 def test_error_inside_beam_is_one_line_without_beams_traceback(tmp_path, tiny_pipeline):
@@ -87,7 +93,10 @@ def test_unknown_options_are_errors_with_a_suggestion(tmp_path, tiny_pipeline, c
             "unknown option --forse (not a terrabeam or Apache Beam option); did you mean --force?",
         ),
         (["run", config, "--worksapce", "elsewhere"], "did you mean --workspace?"),
-        (["run", config, "--json"], "unknown option --json (not a terrabeam or Apache Beam option)"),
+        (
+            ["run", config, "--jsn"],
+            "unknown option --jsn (not a terrabeam or Apache Beam option); did you mean --json?",
+        ),
         (
             ["deliver", config, "--runner=DirectRunner"],
             "unknown option --runner (not an option of 'terrabeam deliver')",
@@ -146,7 +155,7 @@ def test_steps_alone_never_touch_another_pipelines_run(tmp_path, tiny_pipeline, 
     assert main(["export", str(other), "--run", "o"]) == 0  # now the newest run in the workspace
     capsys.readouterr()
 
-    assert main(["deliver", str(water)]) == 0
+    assert main(["deliver", str(water), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["run"] == "w"
     assert not (ws / "o" / "deliver").exists() and not (ws / "o" / "predict").exists()
     assert json.loads((ws / "o" / "run.json").read_text()) == {
@@ -156,7 +165,7 @@ def test_steps_alone_never_touch_another_pipelines_run(tmp_path, tiny_pipeline, 
 
     # a run folder made before run markers existed is found through the run history
     (ws / "w" / "run.json").unlink()
-    assert main(["deliver", str(water)]) == 0
+    assert main(["deliver", str(water), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["run"] == "w"
 
     assert main(["deliver", str(water), "--run", "o"]) == 1

@@ -59,7 +59,7 @@ def test_damaged_kept_prediction_shard_is_predicted_again(tmp_path, tiny_pipelin
     damaged = sorted(shards)[1]
     (work / damaged).write_bytes(_isal_rejects(shards[damaged]))
     capsys.readouterr()
-    assert main(["predict", str(config), "--run", "r"]) == 0
+    assert main(["predict", str(config), "--run", "r", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["shards_reused"] == len(shards) - 1
     assert {p.name: p.read_bytes() for p in (run / "predict").glob("*.tfrecord.gz")} == shards
 

@@ -50,6 +50,7 @@ def test_outputs_and_summary(demo_run):
     ]
     shards = ["predictions-00000.tfrecord.gz", "predictions-00001.tfrecord.gz"]
     items = ["sentinel2-cloudmask.item.json", "sentinel2-cloudmask-model.item.json"]
+    items += ["sentinel2-cloudmask.collection.json"]  # two tiles: a Collection of their Items
     files = sorted([*maps, "sentinel2-cloudmask-quicklook.png", *shards, *items])
     files += ["predictions-manifest.json", "predictions-mixer.json"]
     # GDAL's sidecars: the class names beside the class COG, the quicklook's world file and CRS
@@ -64,6 +65,7 @@ def test_outputs_and_summary(demo_run):
             for col in (0, 1)
         ]
         + [f"sentinel2-cloudmask-classes-r0000c000{col}.tif.aux.xml" for col in (0, 1)]
+        + [f"sentinel2-cloudmask-r0000c000{col}.item.json" for col in (0, 1)]
     )
     assert summary["patches"] == 8 and summary["pixels"] == 768 * 384
     assert summary["patches_skipped"] == summary["steps"]["map"]["patches_skipped"] == 0  # full swath

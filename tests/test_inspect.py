@@ -344,7 +344,7 @@ def test_a_tiled_geotiff_that_is_no_cog(tmp_path, capsys):
         v.startswith(f"{path} record None: not a COG: ") for v in _violations(document)
     )
     assert main(["inspect", str(path)]) == 1
-    assert "NOT a valid COG" in capsys.readouterr().err
+    assert "NOT a valid COG" in capsys.readouterr().out  # the result on stdout, as text without --json
 
 
 def test_paths_that_name_nothing_to_inspect(tmp_path, capsys):

@@ -103,7 +103,7 @@ def test_run_with_workspace_inputs_and_model_on_s3_equals_the_local_run(
     monkeypatch.setenv("TERRABEAM_CACHE", str(tmp_path / "other-machine"))
     capsys.readouterr()
     assert main(["runs", "--workspace", f"s3://{BUCKET}/ws", "--json"]) == 0
-    runs = json.loads(capsys.readouterr().out)
+    runs = json.loads(capsys.readouterr().out)["runs"]
     assert [(r["id"], r["status"]) for r in runs] == [("r1", "done")]
     before = {
         o["Key"]: o["LastModified"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="ws/r1/")["Contents"]

@@ -90,10 +90,10 @@ def test_serve_runs_each_window_as_it_closes_and_stops(tmp_path, tiny_pipeline):
 
 def test_schedule_once_runs_real_windows_and_never_twice(tmp_path, tiny_pipeline, capsys):
     config = _config(tiny_pipeline, start="2020-01-01T00:00:00Z", cron="0 0 1 1 *", catch_up="all")
-    assert main(["schedule", str(config), "--once"]) == 0
+    assert main(["schedule", str(config), "--once", "--json"]) == 0
     first = json.loads(capsys.readouterr().out)["windows_run"]
     assert len(first) >= 6 and first[0] == ["2020-01-01T00:00:00+00:00", "2021-01-01T00:00:00+00:00"]
-    assert main(["schedule", str(config), "--once"]) == 0
+    assert main(["schedule", str(config), "--once", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["windows_run"] == []
     state = RunState(tmp_path / "ws" / "terrabeam.db")
     runs = state.list_runs()

@@ -216,6 +216,6 @@ def test_predict_step_counts_patches_outside_the_polygon(tmp_path, tiny_pipeline
     config = str(write(document))
     assert main(["export", config, "--run", "r"]) == 0
     capsys.readouterr()
-    assert main(["predict", config, "--run", "r"]) == 0
+    assert main(["predict", config, "--run", "r", "--json"]) == 0
     details = json.loads(capsys.readouterr().out)
     assert details["patches"] == 6 and details["patches_skipped"] == 1

@@ -92,7 +92,7 @@ def test_rerun_of_delivered_config_does_nothing(tmp_path, tiny_pipeline, capsys)
     assert sorted(p.name for p in (tmp_path / "ws").iterdir() if not p.name.startswith(".")) == first
     capsys.readouterr()
     assert main(["runs", "--workspace", str(tmp_path / "ws"), "--json"]) == 0
-    runs = json.loads(capsys.readouterr().out)
+    runs = json.loads(capsys.readouterr().out)["runs"]
     assert len(runs) == 1 and runs[0]["status"] == "done"
     assert [s["attempts"] for s in runs[0]["steps"]] == [1]
 
@@ -239,10 +239,10 @@ def test_interrupt_mid_run_records_the_run_and_resume_keeps_tiles(signum, tmp_pa
 
     # `resume RUN`, or `run` of the same config, continues it
     again = ["resume", run, "--workspace", str(ws)] if signum == signal.SIGTERM else ["run", str(config)]
-    resumed = subprocess.run(
-        [sys.executable, "-m", "terrabeam", *again, "-q"], capture_output=True, text=True
-    )
+    resumed = subprocess.run([sys.executable, "-m", "terrabeam", *again], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert re.search(rf"run {run}: [1-9]\d* of 450 map tiles kept", resumed.stderr), resumed.stderr
+    assert re.search(rf"^terrabeam: run {run}: [1-9]\d* of 450 map tiles kept", resumed.stderr, re.M), (
+        resumed.stderr
+    )
     assert main(["runs", "--workspace", str(ws), "--json"]) == 0
-    assert [r["status"] for r in json.loads(capsys.readouterr().out)] == ["done"]
+    assert [r["status"] for r in json.loads(capsys.readouterr().out)["runs"]] == ["done"]

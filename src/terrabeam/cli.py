@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -220,6 +221,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0: a free one)")
     serve.add_argument("--basemap", help="XYZ tile URL template of an online base layer (default: none)")
+    text = (
+        "write a commented starter config for your own rasters and model (bands, CRS, resolution "
+        "and the model's input read from the files)"
+    )
+    init = commands.add_parser("init", help=text, description=text, parents=[verbosity])
+    init.set_defaults(command_parser=init)
+    init.add_argument(
+        "rasters", nargs="+", type=Path, metavar="RASTER", help="GDAL-readable files, one band or more each"
+    )
+    init.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="the model file (.onnx, .keras, .pt, …) or SavedModel folder",
+    )
+    init.add_argument(
+        "--out", type=Path, default=Path("terrabeam.yaml"), help="config to write (default: terrabeam.yaml)"
+    )
+    init.add_argument(
+        "--name", help="pipeline name (default: the --out file's name, or the model's for the default --out)"
+    )
+    init.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _json_flag(init)
     text = 'print a shell completion script: eval "$(terrabeam completion bash)" (or zsh, tcsh)'
     completion = commands.add_parser("completion", help=text, description=text, parents=[verbosity])
     completion.set_defaults(command_parser=completion)
@@ -478,16 +502,29 @@ def check_extra_arguments(args: argparse.Namespace, extra: list[str]) -> None:
         args.command_parser.error(f"unexpected arguments: {' '.join(unknown)}")
 
 
+class _MessageLines(logging.Formatter):
+    """``terrabeam: message`` (``terrabeam: warning: message`` from WARNING up), without -v."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"terrabeam: {level}{record.getMessage()}"
+
+
 def _configure_logging(args: argparse.Namespace) -> None:
-    """One line per error: Beam logs a failed bundle's traceback at ERROR (apache_beam.runners.common)
-    and harmless start-up warnings on the root logger; both only with --verbose. Configured before
-    Beam is first imported."""
+    """Routine messages (resuming, kept, nothing to do) at INFO, shown unless -q; problems at
+    WARNING; -v adds Beam's INFO, logger names and tracebacks. One line per error: Beam logs a
+    failed bundle's traceback at ERROR and harmless start-up warnings on the root logger; both only
+    with --verbose. Configured before Beam is first imported."""
     verbose, quiet = args.verbose, args.quiet and not args.verbose
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _MessageLines()
     )
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, handlers=[handler])
     logging.getLogger("apache_beam").setLevel(logging.INFO if verbose else logging.CRITICAL)
-    logging.getLogger("terrabeam").setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # numpy's RankWarning from Beam's batch-size estimator on a few timings
+        warnings.filterwarnings("ignore", module=r"apache_beam(\.|$)")
+    logging.getLogger("terrabeam").setLevel(logging.WARNING if quiet else logging.INFO)
     # the progress bar's stand-in off a terminal; -q silences it (and the bar: progress.py asks)
     logging.getLogger("terrabeam.progress").setLevel(logging.WARNING if quiet else logging.INFO)
 
@@ -543,6 +580,17 @@ def _dispatch(args: argparse.Namespace, beam_args: list[str]) -> int:
         return 0
     if args.command in ("runs", "status", "resume", "open"):
         return _history_command(args, beam_args)
+    if args.command == "init":
+        from terrabeam.starter_config import write_starter_config
+
+        made = write_starter_config(args.rasters, args.model, args.out, args.name, args.force)
+        text = (
+            f"{args.out}: {len(made['bands'])} bands, model {made['model']['framework']}"
+            f" ({made['model']['channels'] or '?'} channels, {made['model']['outputs'] or '?'} outputs); "
+            f"check the lines marked CHECK, then: terrabeam validate {args.out}"
+        )
+        _emit(args, made, text)
+        return 0
     if args.command == "inspect":
         from terrabeam.inspect import inspect_paths
 

@@ -918,7 +918,7 @@ def _format_errors(source: str, error: ValidationError) -> str:
     lines = [f"{source}: invalid configuration ({error.error_count()} problems)"]
     for item in error.errors():
         parts = [str(p) for p in item["loc"]]
-        if parts[:1] == ["source"] and parts[1:2] in (["raster"], ["earthengine"]):
+        if parts[:1] == ["source"] and parts[1:2] in (["raster"], ["earthengine"], ["stac"]):
             del parts[1]  # the source kind's union tag, not a field the user wrote
         location = ".".join(parts) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
@@ -926,10 +926,11 @@ def _format_errors(source: str, error: ValidationError) -> str:
             lines.append(f"  {location}: missing (required)")
             continue
         value = item.get("input")
-        if isinstance(value, str) and value and message.startswith(value):
-            lines.append(f"  {location}: {message}")  # a sentence about the value: no need to repeat it
+        if isinstance(value, dict) or (isinstance(value, str) and value and message.startswith(value)):
+            # a check across a section's fields, or a sentence about the value: the message says it all
+            lines.append(f"  {message}" if not parts else f"  {location}: {message}")
             continue
-        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{…}"
+        shown = json.dumps(value, default=str)
         if len(shown) > 80:
             shown = shown[:77] + "..."
         lines.append(f"  {location} = {shown}: {message}")

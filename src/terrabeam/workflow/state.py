@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,15 @@ class RunRecord:
     steps: list[StepRecord] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        data = self.__dict__ | {"steps": [s.__dict__ for s in self.steps]}
-        return data
+        """As JSON shows it: times in ISO 8601 (UTC)."""
+        times = {"created": _iso(self.created), "finished": _iso(self.finished)}
+        return self.__dict__ | times | {"steps": [s.__dict__ for s in self.steps]}
+
+
+def _iso(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 RESERVE_BYTES = 256 * 2**10  # room for a few dozen WAL frames: enough to record how a run ended
