@@ -5,7 +5,8 @@
   (the document's v1alpha paths served as v1, the version the client asks for), an OAuth token
   endpoint for Application Default Credentials, and plays back what the service answers: image
   export and import requests give operations whose states advance on each poll along a script
-  (PENDING → RUNNING → SUCCEEDED, or FAILED with a message); assets are created and looked up
+  (PENDING → RUNNING → SUCCEEDED, or FAILED with a message); external images (COG-backed,
+  ``image:importExternal``) are registered at once; assets are created and looked up
   (404 with Earth Engine's error body when missing). Every request is recorded for assertions.
 - ``gcs_emulator``: Cloud Storage's JSON API from the ``gcp-storage-emulator`` package, reached by
   the real google-cloud-storage client (through Beam's FileSystems) via STORAGE_EMULATOR_HOST.
@@ -142,6 +143,13 @@ class EarthEnginePlayback:
             with open(os.path.join(EE_TEST_FILES, "cloud_api_discovery_document.json")) as f:
                 document = json.loads(f.read().replace("v1alpha", "v1"))
             document["rootUrl"] = self.url + "/"
+            # COG-backed images: image:importExternal, as the live document has it (the shipped
+            # test document predates it), shaped like image:import
+            methods = document["resources"]["projects"]["resources"]["image"]["methods"]
+            external = json.loads(
+                json.dumps(methods["import"]).replace("image:import", "image:importExternal")
+            )
+            methods["importExternal"] = external | {"id": "earthengine.projects.image.importExternal"}
             return 200, document
         if request.headers.get("authorization") != f"Bearer {ACCESS_TOKEN}":
             return 401, _error(401, "Request had invalid authentication credentials.", "UNAUTHENTICATED")
@@ -150,6 +158,12 @@ class EarthEnginePlayback:
                 return 200, json.load(f)
         if request.method == "POST" and path == f"{prefix}/image:export":
             return 200, self._start(request, "EXPORT_IMAGE", self.export_script)
+        if request.method == "POST" and path == f"{prefix}/image:importExternal":
+            name = request.body["imageManifest"]["name"]  # registered at once: no task
+            if name in self.assets and not request.body.get("overwrite"):
+                return 400, _error(400, f"Cannot overwrite asset '{name}'.", "ALREADY_EXISTS")
+            self.assets[name] = {"name": name, "type": "IMAGE"}
+            return 200, {}
         if request.method == "POST" and path == f"{prefix}/image:import":
             return 200, self._start(request, "INGEST_IMAGE", self.import_script)
         if request.method == "GET" and path.startswith(f"{prefix}/operations/"):

@@ -157,7 +157,11 @@ def _config(tmp_path, playback, **changes) -> Path:
             "classes": ["water", "land"],
         },
         "outputs": {
-            "earthengine": {"collection": f"projects/{PROJECT}/assets/terrabeam/landcover"},
+            # TFRecord ingestion here; COG-backed images (the default): test_earthengine_cog.py
+            "earthengine": {
+                "collection": f"projects/{PROJECT}/assets/terrabeam/landcover",
+                "mode": "tfrecord",
+            },
             "quicklook": False,
         },
     } | changes

@@ -275,6 +275,11 @@ class EarthEngineSink(_Strict):
         description="asset name pattern: {pipeline}, {run}, {date} (run date YYYYMMDD), {start}, {end}",
     )
     properties: dict[str, str | float | int] = Field(default_factory=dict, description="extra properties")
+    mode: Literal["cog", "tfrecord"] = Field(
+        "cog",
+        description="cog: register the map's COGs in place as COG-backed images (no ingestion task); "
+        "tfrecord: ingest the prediction shards + mixer",
+    )
 
 
 class Region(_Strict):
@@ -687,7 +692,7 @@ class OutputsConfig(_Strict):
         description="a raster-sourced run also writes Earth Engine-layout prediction shards + mixer",
     )
     earthengine: EarthEngineSink | None = Field(
-        None, description="also ingest the predictions into an Earth Engine image collection"
+        None, description="also deliver the map into an Earth Engine image collection"
     )
     stac: StacOutput | None = Field(
         None, description="also post the map's STAC Item to a STAC API (Transactions extension)"

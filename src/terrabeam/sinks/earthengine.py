@@ -1,4 +1,6 @@
-"""Deliver step into Earth Engine: prediction shards + mixer ingested as one image of a collection.
+"""Deliver step into Earth Engine by TFRecord ingestion (``outputs.earthengine.mode: tfrecord``):
+prediction shards + mixer ingested as one image of a collection (COG-backed images, the default:
+``earthengine_cog``).
 
 Earth Engine ingests TFRecord predictions from Cloud Storage: one tileset whose source lists every
 prediction shard, in patch order, then the mixer (the ``earthengine upload image`` layout). The
@@ -63,15 +65,7 @@ def image_manifest(
     end: datetime,
 ) -> dict[str, Any]:
     """The ImageManifest of one prediction image (field names of the Earth Engine REST API)."""
-    made = Provenance.of(config, run_id)
-    properties: dict[str, Any] = {
-        "pipeline": made.pipeline,
-        "model": made.model,
-        "model_version": made.model_version,
-        "run_id": made.run_id,
-        "config_hash": made.config_hash,
-    }
-    properties.update(config.outputs.earthengine.properties)
+    properties = image_properties(config, run_id)
     return {
         "name": asset,
         "tilesets": [{"id": "predictions", "sources": [{"uris": uris}]}],
@@ -88,6 +82,19 @@ def image_manifest(
         "endTime": _timestamp(end),
         "properties": properties,
     }
+
+
+def image_properties(config: PipelineConfig, run_id: str) -> dict[str, Any]:
+    """The asset's properties: provenance, then the config's own."""
+    made = Provenance.of(config, run_id)
+    properties: dict[str, Any] = {
+        "pipeline": made.pipeline,
+        "model": made.model,
+        "model_version": made.model_version,
+        "run_id": made.run_id,
+        "config_hash": made.config_hash,
+    }
+    return properties | config.outputs.earthengine.properties
 
 
 def _timestamp(moment: datetime) -> str:

@@ -136,17 +136,56 @@ class EarthEngineExportTask:
 
 
 class EarthEngineDeliverTask:
-    """Ingest the predictions into an Earth Engine image collection, and write the local files too."""
+    """Deliver the map into an Earth Engine image collection, and write the local files too: its COGs
+    registered in place (mode cog, at once), or the prediction shards ingested (mode tfrecord, a task
+    to poll)."""
 
     def __init__(self, config: PipelineConfig, workspace: Workspace, context: RunContext) -> None:
         self.config, self.workspace, self.context = config, workspace, context
         self.operation: str | None = None
+        self.report: steps.StepReport | None = None
         self.started = time.perf_counter()
         self.start_time, self.end_time, self.run_date = ingestion_times(config, context)
+
+    def _register_cogs(self) -> steps.StepReport:
+        from terrabeam.layout import ExportManifest, manifest_path
+        from terrabeam.sinks.earthengine import asset_id
+        from terrabeam.sinks.earthengine_cog import register_cogs
+        from terrabeam.sinks.mosaic import TILES_FOLDER
+        from terrabeam.sinks.tiles import map_layers
+
+        report = steps.deliver_step(self.config, self.workspace)
+        predict_dir = self.workspace.require_step("predict")
+        bands = ExportManifest.read(manifest_path(predict_dir, self.config.predict.prefix)).bands
+        layers = map_layers(self.config, bands)
+        deliver = self.workspace.step_dir("deliver")
+        first = f"{self.config.name}-{layers[0].stem}-"
+        tile_names = sorted(
+            p.name.removeprefix(first).removesuffix(".tif")
+            for p in (deliver / TILES_FOLDER).glob(f"{first}r*c*.tif")
+        )
+        base = asset_id(self.config, self.context.run_id, self.start_time, self.end_time, self.run_date)
+        assets = register_cogs(
+            self.config,
+            deliver,
+            layers,
+            tile_names,
+            base,
+            self.context.run_id,
+            self.start_time,
+            self.end_time,
+        )
+        report.details["outputs"].extend(f"earthengine://{asset}" for asset in assets)
+        report.details["earthengine_assets"] = assets
+        report.seconds = time.perf_counter() - self.started
+        return report
 
     def start(self) -> str | None:
         from terrabeam.sinks.earthengine import start_ingestion
 
+        if self.config.outputs.earthengine.mode == "cog":  # registered at once: nothing to poll
+            self.report = self._register_cogs()
+            return None
         self.operation = _adoptable(self.config, self.context.external_id, "ingestion")
         if self.operation is None:
             predict_dir = self.workspace.require_step("predict")
@@ -168,6 +207,8 @@ class EarthEngineDeliverTask:
         from terrabeam.earthengine import raise_if_failed, task_state
         from terrabeam.sinks.earthengine import asset_id
 
+        if self.report is not None:
+            return self.report
         if self.operation is not None:
             state = task_state(self.operation)
             if not state.done:

@@ -1,0 +1,260 @@
+"""Deliver into Earth Engine as COG-backed images: the map's COGs registered in place on Cloud
+Storage (``image:importExternal``), no ingestion task, no re-tiling of every pixel.
+
+Earth Engine's rules for a COG-backed asset, checked on every file before anything is uploaded
+(``cog_rule_violations``): square tiles of 256–2048 px, every IFD at the start of the file (a valid
+COG layout), overviews in powers of two, a codec it reads, and band interleave. GDAL 3.10's COG
+driver writes multi-band files pixel-interleaved, so each band is its own single-band COG (Earth
+Engine allows one COG per band: one tileset each). One band must not be spread over many COGs, so a
+map assembled into one COG per layer is one image per run, and a map left in tiles (above
+``outputs.single_file_max_pixels``) is one image per tile, ``<image_name>_r0000c0001`` and so on.
+
+Uploads never replace an object: an object already there is reused only if its MD5 equals the local
+file's (a resumed run), else the run fails naming it; the manifest pins each object's generation
+(``gs://bucket/object#generation``), so a registered asset never reads other bytes than it was
+registered with. Nothing here was run against Google: see README, "Earth Engine".
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import rasterio
+import rasterio.shutil
+
+from terrabeam.config import PipelineConfig
+from terrabeam.earthengine import EarthEngineError, connect
+from terrabeam.sinks.earthengine import asset_exists, ensure_collection, image_properties, pyramiding_policy
+from terrabeam.sinks.mosaic import TILES_FOLDER
+from terrabeam.sinks.tiles import MapLayer, cog_options
+from terrabeam.storage import join
+
+log = logging.getLogger(__name__)
+
+TILE_SIZES = (256, 2048)  # Earth Engine reads COG tiles of this side, inclusive
+CODECS = {"ZSTD", "DEFLATE", "LZW", "NONE"}
+BUCKET_LOCATIONS = {"US", "US-CENTRAL1", "NAM4"}  # us multi-region, us-central1, a dual-region with it
+
+
+@dataclass(frozen=True)
+class BandFile:
+    """One band of one image: its id in Earth Engine and the single-band COG that backs it."""
+
+    band: str
+    path: Path
+    pyramiding: str
+    nodata: float | None
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """One Earth Engine image: a suffix to the asset name ('' or '_r0000c0001') and its bands."""
+
+    suffix: str
+    bands: list[BandFile]
+
+
+def cog_rule_violations(path: Path) -> list[str]:
+    """What keeps ``path`` from backing an Earth Engine asset (empty: nothing)."""
+    from rio_cogeo.cogeo import cog_validate
+
+    problems = []
+    valid, errors, _ = cog_validate(str(path), quiet=True)
+    if not valid:
+        problems.append(f"not a valid COG layout ({'; '.join(errors)})")
+    with rasterio.open(path) as ds:
+        blocks = {tuple(ds.block_shapes[i]) for i in range(ds.count)}
+        codec = (ds.compression.name if ds.compression else "none").upper()
+        if not ds.profile.get("tiled"):
+            problems.append("not tiled")
+        for height, width in blocks:
+            if height != width or not TILE_SIZES[0] <= width <= TILE_SIZES[1]:
+                problems.append(f"tiles of {width}×{height} px (square, {TILE_SIZES[0]}–{TILE_SIZES[1]})")
+        factors = ds.overviews(1)
+        if any(f != 2 ** (i + 1) for i, f in enumerate(factors)):
+            problems.append(f"overviews {factors} are not successive powers of 2")
+        if codec not in CODECS:
+            problems.append(f"compression {codec} (Earth Engine reads {', '.join(sorted(CODECS))})")
+        if ds.count > 1 and (ds.interleaving is None or ds.interleaving.name != "BAND"):
+            problems.append(f"{ds.count} bands pixel-interleaved (band interleave needed)")
+    return [f"{path.name}: {p}" for p in problems]
+
+
+def _single_band_cog(source: Path, band: int, target: Path, layer: MapLayer, compression: tuple) -> Path:
+    """Band ``band`` of ``source`` as its own COG, with the source's tags (through a one-band VRT:
+    no pixels held in memory)."""
+    with rasterio.open(source) as ds:
+        width, height, dtype = ds.width, ds.height, ds.dtypes[band - 1]
+        transform, crs, nodata = ds.transform, ds.crs.to_wkt(), ds.nodata
+        description, tags = ds.descriptions[band - 1] or "", ds.tags()
+    gdal_type = {"uint8": "Byte", "float32": "Float32", "float64": "Float64", "int16": "Int16",
+                 "uint16": "UInt16", "int32": "Int32"}[dtype]  # fmt: skip
+    nodata_xml = f"<NoDataValue>{nodata}</NoDataValue>" if nodata is not None else ""
+    metadata = "".join(f'<MDI key="{_xml(k)}">{_xml(v)}</MDI>' for k, v in tags.items())
+    vrt = target.with_suffix(".vrt")
+    vrt.write_text(
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><Metadata>{metadata}</Metadata>'
+        f"<SRS>{_xml(crs)}</SRS><GeoTransform>{', '.join(map(repr, transform.to_gdal()))}</GeoTransform>"
+        f'<VRTRasterBand dataType="{gdal_type}" band="1">{nodata_xml}'
+        f"<Description>{_xml(description)}</Description><SimpleSource>"
+        f'<SourceFilename relativeToVRT="0">{_xml(str(source.resolve()))}</SourceFilename>'
+        f"<SourceBand>{band}</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>"
+    )
+    rasterio.shutil.copy(vrt, target, driver="COG", **cog_options(layer, *compression))
+    vrt.unlink()
+    return target
+
+
+def _xml(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def plan_images(
+    config: PipelineConfig, deliver: Path, layers: list[MapLayer], tile_names: list[str], scratch: Path
+) -> list[ImagePlan]:
+    """The images to register and the single-band COGs backing them, made in ``scratch`` where a
+    layer has several bands: one image from the one-COG-per-layer files, else one per tile."""
+    stem = config.name
+    compression = (config.outputs.compression, config.outputs.compression_level)
+    whole = all((deliver / f"{stem}-{layer.stem}.tif").exists() for layer in layers)
+    places = [("", lambda layer: deliver / f"{stem}-{layer.stem}.tif")] if whole else []
+    if not whole:
+        places = [
+            (f"_{name}", lambda layer, n=name: deliver / TILES_FOLDER / f"{stem}-{layer.stem}-{n}.tif")
+            for name in tile_names
+        ]
+    images = []
+    for suffix, where in places:
+        bands = []
+        for layer in layers:
+            path = where(layer)
+            for index, band in enumerate(layer.bands, start=1):
+                nodata = None if layer.nodata != layer.nodata else layer.nodata  # NaN: no value to name
+                if len(layer.bands) == 1:
+                    backing = path
+                else:
+                    backing = _single_band_cog(
+                        path, index, scratch / f"{stem}-{band}{suffix}.tif", layer, compression
+                    )
+                bands.append(BandFile(band, backing, pyramiding_policy(band), nodata))
+        images.append(ImagePlan(suffix, bands))
+    return images
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return base64.b64encode(digest.digest()).decode()
+
+
+def upload_pinned(path: Path, uri: str) -> str:
+    """Upload ``path`` to ``uri`` (gs://) unless the same bytes are there; ``uri#generation``."""
+    from google.cloud import storage
+
+    bucket_name, _, name = uri.removeprefix("gs://").partition("/")
+    bucket = storage.Client().bucket(bucket_name)
+    existing = bucket.get_blob(name)
+    if existing is not None:
+        if existing.md5_hash != _md5(path):
+            raise EarthEngineError(
+                f"{uri} exists with other bytes; terrabeam never replaces a COG that may back an asset "
+                "(delete it, or run with another run id)"
+            )
+        return f"{uri}#{existing.generation}"
+    blob = bucket.blob(name)
+    blob.upload_from_filename(str(path), if_generation_match=0)  # fails if another writer got there first
+    return f"{uri}#{blob.generation}"
+
+
+def check_bucket_location(staging: str) -> str | None:
+    """Earth Engine reads COG-backed assets from us / us-central1 buckets only: a warning otherwise."""
+    from google.cloud import storage
+
+    bucket_name = staging.removeprefix("gs://").split("/", 1)[0]
+    try:
+        location = (storage.Client().get_bucket(bucket_name).location or "").upper()
+    except Exception as exc:  # a missing permission to read bucket metadata need not stop the run
+        log.warning("cannot read the location of bucket %s (%s); Earth Engine needs US or us-central1",
+                    bucket_name, type(exc).__name__)  # fmt: skip
+        return None
+    if location not in BUCKET_LOCATIONS:
+        log.warning(
+            "bucket %s is in %s: Earth Engine registers COG-backed assets only from the US multi-region, "
+            "us-central1 or a US dual-region with it", bucket_name, location,
+        )  # fmt: skip
+    return location
+
+
+def external_manifest(
+    config: PipelineConfig, asset: str, uris: dict[str, str], image: ImagePlan, run_id: str,
+    start: datetime, end: datetime,
+) -> dict[str, Any]:  # fmt: skip
+    """The ImageManifest of one COG-backed image: one tileset per band, its object pinned."""
+    bands = []
+    for band in image.bands:
+        entry: dict[str, Any] = {
+            "id": band.band,
+            "tilesetId": band.band,
+            "tilesetBandIndex": 0,
+            "pyramidingPolicy": band.pyramiding,
+        }
+        if band.nodata is not None:
+            entry["missingData"] = {"values": [band.nodata]}
+        bands.append(entry)
+    return {
+        "name": asset,
+        "tilesets": [{"id": b.band, "sources": [{"uris": [uris[b.band]]}]} for b in image.bands],
+        "bands": bands,
+        "startTime": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "endTime": end.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "properties": image_properties(config, run_id),
+    }
+
+
+def register_cogs(
+    config: PipelineConfig,
+    deliver: Path,
+    layers: list[MapLayer],
+    tile_names: list[str],
+    base_asset: str,
+    run_id: str,
+    start: datetime,
+    end: datetime,
+) -> list[str]:
+    """Check, upload and register the map's COGs; returns the asset names (existing ones are kept)."""
+    ee = connect(config.earthengine)
+    folder = join(config.earthengine.staging, config.name, run_id, "cog")
+    check_bucket_location(config.earthengine.staging)
+    scratch = Path(tempfile.mkdtemp(prefix=".earthengine-", dir=deliver.parent))
+    try:
+        images = plan_images(config, deliver, layers, tile_names, scratch)
+        problems = [p for image in images for b in image.bands for p in cog_rule_violations(b.path)]
+        if problems:
+            raise EarthEngineError("not fit to back an Earth Engine asset: " + "; ".join(problems[:5]))
+        ensure_collection(ee, config.outputs.earthengine.collection)
+        assets = []
+        for image in images:
+            asset = base_asset + image.suffix
+            assets.append(asset)
+            if asset_exists(ee, asset):
+                continue
+            uris = {b.band: upload_pinned(b.path, join(folder, f"{config.name}-{b.band}{image.suffix}.tif"))
+                    for b in image.bands}  # fmt: skip
+            manifest = external_manifest(config, asset, uris, image, run_id, start, end)
+            try:
+                ee.data.startExternalImageIngestion(manifest, False)
+            except ee.EEException as exc:
+                raise EarthEngineError(f"Earth Engine refused to register {asset}: {exc}") from None
+        return assets
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
