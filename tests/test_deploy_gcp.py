@@ -768,6 +768,16 @@ def test_cli_renders(tiny_pipeline, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "deploy.sh").exists()
+    again = subprocess.run(  # --json: exactly one document on stdout
+        ["terrabeam", "deploy", "gcp", str(config), "--out", str(tmp_path / "out"), "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    rendered = json.loads(again.stdout)
+    assert (
+        rendered["out"] == str(tmp_path / "out") and str(tmp_path / "out" / "deploy.sh") in rendered["files"]
+    )
 
 
 def test_output_is_replaced_whole_and_a_foreign_folder_is_refused(rendered, tiny_pipeline, tmp_path):

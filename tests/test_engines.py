@@ -71,8 +71,13 @@ def test_refusals_say_what_would_work(cpu_only, monkeypatch):
 
 
 def test_engine_must_run_the_framework():
-    with pytest.raises(ValueError, match="engine openvino does not run torch models"):
-        ModelConfig(path="m.pt", framework="torch", engine="openvino", input_bands=["a"], classes=["x", "y"])
+    with pytest.raises(ValueError, match="engine openvino does not run sklearn models"):
+        ModelConfig(
+            path="m.joblib", framework="sklearn", engine="openvino", kind="per_pixel", input_bands=["a"],
+            classes=["x", "y"],
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="engine torch does not run onnx models"):
+        ModelConfig(path="m.onnx", framework="onnx", engine="torch", input_bands=["a"], classes=["x", "y"])
     with pytest.raises(ValueError, match="device"):
         model(device="gpu")
 

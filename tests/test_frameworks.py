@@ -125,6 +125,33 @@ def test_torch_per_patch_with_margin(tmp_path, demo_data):
     _assert_same_map(classes[inner[1:]], probabilities[inner], expected[inner])
 
 
+@pytest.mark.parametrize("exported", [False, True], ids=["torchscript", "torch.export"])
+def test_torch_models_on_openvino_equal_pytorch(tmp_path, demo_data, exported):
+    """engine openvino converts the PyTorch file in memory; the map equals PyTorch's own (fp32)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("openvino")
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 1),
+                              torch.nn.Softmax(dim=1)).eval()  # fmt: skip
+    if exported:
+        path = tmp_path / "conv.pt2"
+        dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+        torch.export.save(
+            torch.export.export(net, (torch.zeros(2, 3, 48, 64),), dynamic_shapes=(dims,)), str(path)
+        )
+    else:
+        path = tmp_path / "conv.pt"
+        torch.jit.script(net).save(str(path))
+    maps = {}
+    for engine in ("torch", "openvino"):
+        (tmp_path / engine).mkdir()
+        maps[engine] = _run(
+            tmp_path / engine, demo_data, path, framework="torch", engine=engine, kernel_size=[2, 2]
+        )
+    np.testing.assert_allclose(maps["openvino"][1], maps["torch"][1], atol=1e-5)
+    assert (maps["openvino"][0] == maps["torch"][0]).mean() > 0.9999
+
+
 def _keras_pixel_model():
     keras = pytest.importorskip("keras")
     keras.utils.set_random_seed(0)
@@ -195,6 +222,25 @@ def test_tensorflow_nhwc_per_patch(tmp_path, demo_data):
     classes, probabilities = _run(tmp_path, demo_data, path, framework="tensorflow", layout="NHWC")
     expected = np.asarray(model(_scene_pixels(demo_data)[None], training=False))[0].transpose(2, 0, 1)
     _assert_same_map(classes, probabilities, expected)
+
+
+@pytest.mark.parametrize("saved", ["dnn.keras", "dnn_saved"])
+def test_tensorflow_models_on_openvino_equal_tensorflow(tmp_path, demo_data, saved):
+    """engine openvino converts a Keras file or SavedModel folder in memory; same map as TensorFlow."""
+    pytest.importorskip("openvino")
+    model = _keras_pixel_model()
+    path = tmp_path / saved
+    if saved.endswith(".keras"):
+        model.save(path)
+    else:
+        model.export(str(path), verbose=False)
+    maps = {}
+    for engine in ("tensorflow", "openvino"):
+        (tmp_path / engine).mkdir()
+        maps[engine] = _run(tmp_path / engine, demo_data, path, framework="tensorflow", kind="per_pixel",
+                            engine=engine)  # fmt: skip
+    np.testing.assert_allclose(maps["openvino"][1], maps["tensorflow"][1], atol=1e-5)
+    assert (maps["openvino"][0] == maps["tensorflow"][0]).mean() > 0.9999
 
 
 def test_torch_exported_program_per_pixel(tmp_path, demo_data):

@@ -408,8 +408,8 @@ Engine = Literal["auto", "onnxruntime", "openvino", "tensorflow", "torch", "skle
 # The engines that run each framework's files (the first is the framework's own).
 ENGINES: dict[str, tuple[str, ...]] = {
     "onnx": ("onnxruntime", "openvino"),
-    "tensorflow": ("tensorflow",),
-    "torch": ("torch",),
+    "tensorflow": ("tensorflow", "openvino"),
+    "torch": ("torch", "openvino"),  # OpenVINO converts TF and PyTorch files in memory when they load
     "sklearn": ("sklearn",),
     "lightgbm": ("lightgbm",),
 }

@@ -136,7 +136,7 @@ def _check_precision(precision: str, engine: str, device: str) -> None:
         return
     on_gpu = device != "cpu"
     if engine in ("sklearn", "lightgbm", "tensorflow"):
-        hint = "; export it to ONNX and use engine openvino (bf16 on CPUs)" if engine == "tensorflow" else ""
+        hint = "; engine openvino runs it at bf16 on CPUs" if engine == "tensorflow" else ""
         raise ModelError(f"model.precision {precision}: {engine} models run at fp32 only{hint}")
     if precision == "fp16" and not on_gpu:
         raise ModelError(
