@@ -222,6 +222,28 @@ def test_run_model_masks_nan_and_passes_finite_batches_through_unchanged():
     assert handler.get_num_bytes(list(batch)) == batch.nbytes
 
 
+def test_a_model_that_returns_the_core_gets_its_masked_pixels_right():
+    """Synthetic: a per-patch model may crop the kernel margin itself (the probe accepts core-size
+    outputs); a masked pixel then comes out NaN at its place in the core, in batches where every
+    patch is seen and where one is not (all its core masked)."""
+    from terrabeam.config import ModelConfig
+    from terrabeam.predict.models import run_model
+
+    model = ModelConfig(path="m.onnx", input_bands=["a", "b"], classes=["x", "y"])
+
+    def crop(inputs):  # the core of a 2 px margin, channels kept
+        return inputs[:, :, 2:-2, 2:-2] * 2
+
+    batch = np.random.default_rng(0).random((3, 2, 12, 12), dtype=np.float32)
+    batch[1, 0, 5, 6] = np.nan  # inside the core: (3, 4) there
+    batch[2, :, 2:10, 2:10] = np.nan  # patch 2: its whole core masked, so not seen
+    out = run_model(crop, batch, model, (2, 2))
+    assert out.shape == (3, 2, 8, 8)
+    assert np.isnan(out[1, :, 3, 4]).all() and np.isnan(out[1]).sum() == 2
+    assert np.isnan(out[2]).all()
+    np.testing.assert_array_equal(out[0], batch[0, :, 2:-2, 2:-2] * 2)
+
+
 def test_per_pixel_run_model_feeds_only_unmasked_pixels():
     """Synthetic: a per-pixel model sees every pixel when none is masked, and only the unmasked ones
     otherwise; masked pixels come out NaN in every output."""

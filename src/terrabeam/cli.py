@@ -77,10 +77,16 @@ def _verbosity(parser: argparse.ArgumentParser, top: bool) -> None:
         "-v",
         "--verbose",
         action="store_true",
-        help="log progress (and Beam's) at INFO, tracebacks",
+        help="Beam's INFO logs too, logger names, and tracebacks",
         **default,
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines", **default)
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="only warnings and errors (no progress or routine lines)",
+        **default,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

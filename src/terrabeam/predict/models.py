@@ -76,6 +76,9 @@ def run_model(
         else:
             output, seen_output = np.full((len(batch), *output.shape[1:]), np.nan, np.float32), output
             output[seen] = seen_output
+        if output.shape[2:] != masked.shape[1:]:  # the model returned the core: so does the mask
+            mx, my = margin
+            masked = masked[:, my : masked.shape[1] - my, mx : masked.shape[2] - mx]
         output[np.broadcast_to(masked[:, None], output.shape)] = np.nan
     return output
 
