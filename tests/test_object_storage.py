@@ -6,6 +6,8 @@ Synthetic scene and model (tiny_pipeline)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -122,7 +124,6 @@ def test_a_step_downloads_its_input_from_the_remote_workspace(tmp_path, tiny_pip
     assert main(["export", str(config), "--run", "r1"]) == 0
     assert main(["predict", str(config), "--run", "r1"]) == 0
     mirror = tmp_path / "cache" / "workspaces" / "s3" / BUCKET / "ws"
-    import shutil
 
     shutil.rmtree(mirror)
     assert main(["deliver", str(config), "--run", "r1"]) == 0
@@ -177,8 +178,23 @@ def test_portable_workers_read_shards_and_model_from_the_s3_workspace(tmp_path, 
     local = tmp_path / "ws" / "local" / "predict"
     remote = document | {"workspace": f"s3://{BUCKET}/ws"}
     assert main(["export", str(write(remote, "export.yaml")), "--run", "r1"]) == 0
+    mirror = tmp_path / "cache" / "workspaces" / "s3" / BUCKET / "ws" / "r1"
+    shutil.rmtree(mirror / "export")  # as on another machine: the export is only in the bucket
     env = _traced_env(tmp_path) | {"TRACE_ROOT": str(tmp_path / "cache")}
     worker_pool = _portable_run(tmp_path, write, remote, env, ["predict", "--run", "r1"])
+    # No shard passed through the launcher (issue 16, no double transfer): it read the export's mixer
+    # and manifest only, and published the workers' shards by copies inside the bucket.
+    launcher = [o for o in _traced_opens(tmp_path) if o.parent == os.getpid()]
+    assert launcher and [o.path.name for o in launcher if ".tfrecord" in o.path.name] == []
+    assert sorted(p.name for p in (mirror / ".export.metadata").iterdir()) == [
+        "tiny-manifest.json",
+        "tiny-mixer.json",
+    ]
+    assert not (mirror / "predict").exists()  # fetched by whichever step needs it here
+    listing = json.loads(s3.get_object(Bucket=BUCKET, Key=f"ws/r1/predict/{COMPLETE}")["Body"].read())[
+        "files"
+    ]
+    assert {"predictions-mixer.json", "predictions-manifest.json"} <= set(listing)
 
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="ws/r1/")["Contents"]}
     assert "ws/r1/model/model.onnx" in keys

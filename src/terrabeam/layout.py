@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,12 +46,20 @@ def parse_shard_name(name: str) -> tuple[str, int | None] | None:
     return match.group("stem"), None if number is None else int(number)
 
 
-def _shard_files(directory: Path) -> dict[str, list[tuple[int | None, Path]]]:
-    """The TFRecord files of ``directory`` by stem, each with its shard number (None: unnumbered)."""
+def _shard_files(
+    directory: Path, names: Sequence[str] | None = None
+) -> dict[str, list[tuple[int | None, Path]]]:
+    """The TFRecord files of ``directory`` by stem, each with its shard number (None: unnumbered).
+    ``names``: the folder's file names as listed elsewhere (a remote folder whose shards are not
+    here; its paths then name files that need not exist locally)."""
     groups: dict[str, list[tuple[int | None, Path]]] = {}
-    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+    if names is not None:
+        paths = [directory / name for name in sorted(names)]
+    else:
+        paths = [p for p in sorted(directory.iterdir()) if p.is_file()] if directory.is_dir() else []
+    for path in paths:
         parsed = parse_shard_name(path.name)
-        if parsed and path.is_file():
+        if parsed:
             groups.setdefault(parsed[0], []).append((parsed[1], path))
     return groups
 
@@ -60,10 +69,10 @@ def export_prefixes(directory: str | Path) -> list[str]:
     return sorted(_shard_files(Path(directory)))
 
 
-def list_shards(directory: str | Path, prefix: str) -> list[Path]:
+def list_shards(directory: str | Path, prefix: str, names: Sequence[str] | None = None) -> list[Path]:
     """The shards of ``prefix`` in patch order: ``<prefix>-NNNNN.tfrecord[.gz]`` or one ``<prefix>.tfrecord[.gz]``."""
     directory = Path(directory)
-    found = _shard_files(directory).get(prefix)
+    found = _shard_files(directory, names).get(prefix)
     if not found:
         raise InputError(
             f"{directory}: no TFRecord shards named {prefix}-NNNNN.tfrecord.gz or {prefix}.tfrecord.gz"
@@ -85,13 +94,15 @@ class ExportFiles:
     manifest: Path | None
 
 
-def find_export(directory: str | Path, prefix: str, mixer: Path | None = None) -> ExportFiles:
+def find_export(
+    directory: str | Path, prefix: str, mixer: Path | None = None, names: Sequence[str] | None = None
+) -> ExportFiles:
     """The files of the export in ``directory``: the shards of ``prefix``, else of the only prefix
     that has shards; its mixer ``<prefix>-mixer.json``, ``<prefix>mixer.json``, else the only ``.json``
     with the mixer's fields (``mixer`` given explicitly wins). Anything ambiguous is an error listing
     what was found."""
     directory = Path(directory)
-    groups = _shard_files(directory)
+    groups = _shard_files(directory, names)
     if prefix in groups:
         stem = prefix
     elif len(groups) == 1:
@@ -110,7 +121,7 @@ def find_export(directory: str | Path, prefix: str, mixer: Path | None = None) -
     return ExportFiles(
         stem,
         mixer or find_mixer(directory, stem),
-        list_shards(directory, stem),
+        list_shards(directory, stem, names),
         manifest if manifest.is_file() else None,
     )
 

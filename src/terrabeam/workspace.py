@@ -230,6 +230,51 @@ class Workspace:
             )
         return path
 
+    def step_metadata(self, step: str) -> tuple[Path, list[str] | None]:
+        """(a local folder with the step's ``.json`` files, the names of all its files) for a caller
+        that needs only its metadata (a mixer, a manifest) while remote workers read the rest: the
+        published folder itself when it is here (names None: look in it), else just the JSON files
+        of the complete remote folder, downloaded into a hidden folder, so no shard crosses."""
+        path = self.step_dir(step)
+        if path.is_dir() or self.remote is None or not self.has_step(step):
+            return self.require_step(step), None
+        from terrabeam import storage
+
+        source = self.remote_step(step)
+        listing = json.loads(storage.read_bytes(f"{source}/{COMPLETE}"))["files"]
+        self.ensure_writable()
+        view = self.run_dir / f".{step}.metadata"
+        staging = self.run_dir / f".{step}.staging-{uuid.uuid4().hex[:8]}"
+        try:
+            staging.mkdir()
+            for name in listing:
+                if name.endswith(".json") and "/" not in name:
+                    storage.copy_file(f"{source}/{name}", str(staging / name))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        replace_folder(staging, view)
+        return view, sorted(listing)
+
+    def publish_remote(self, step: str, objects: dict[str, str], folder: Path) -> None:
+        """Publish the step in the remote workspace from ``objects`` (name → URI in the same store,
+        copied there without their bytes passing through this machine) and ``folder``'s files (small
+        ones made here); then its completion marker. The mirror keeps no copy of the step: a later
+        step that needs it here downloads it (``require_step``)."""
+        from terrabeam import storage
+
+        target = self.remote_step(step)
+        marker = f"{target}/{COMPLETE}"
+        if storage.exists(marker):  # replacing an older folder: unfinished until the new marker
+            storage.delete([marker])
+        listing = {
+            name: storage.copy_object(uri, f"{target}/{name}") for name, uri in sorted(objects.items())
+        }
+        for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+            listing[path.name] = storage.copy_file(str(path), f"{target}/{path.name}")
+        storage.write_bytes(marker, json.dumps({"run": self.run_id, "step": step, "files": listing}).encode())
+        shutil.rmtree(self.step_dir(step), ignore_errors=True)  # an older local copy is not this one
+
     @contextmanager
     def staging(self, step: str) -> Iterator[Path]:
         """Yield an empty staging folder; on success it replaces the step's folder in one rename."""

@@ -7,8 +7,9 @@ win).
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import apache_beam as beam
@@ -31,6 +32,7 @@ from terrabeam.predict.io import (
 )
 from terrabeam.predict.models import PatchModelHandler, forget_probed, probe_model
 from terrabeam.region import TrueRegion, projected_geometry
+from terrabeam.storage import list_files
 from terrabeam.tfrecord import count_records
 
 
@@ -107,13 +109,18 @@ class PredictResult:
     records: int
     reused_shards: int = 0
     patches_skipped: int = 0  # by this run's pipeline: cores wholly masked or outside the region
+    remote_shards: dict[str, str] = field(default_factory=dict)  # name → URI of shards left remote
 
 
-def read_export(config: PipelineConfig, export_dir: Path) -> tuple[Grid, ExportManifest, list[Path]]:
+def read_export(
+    config: PipelineConfig, export_dir: Path, names: Sequence[str] | None = None
+) -> tuple[Grid, ExportManifest, list[Path]]:
     """Mixer, manifest and shards of an export, terrabeam's or Earth Engine's however named (see
-    ``layout.find_export``); without a manifest, margin and bands come from the config."""
+    ``layout.find_export``); without a manifest, margin and bands come from the config. ``names``:
+    the export's file names when only its metadata is here (the shards stay remote)."""
     explicit = config.export.mixer
-    files = find_export(export_dir, config.export.prefix, config.resolve(explicit) if explicit else None)
+    mixer = config.resolve(explicit) if explicit else None
+    files = find_export(export_dir, config.export.prefix, mixer, names)
     grid = Grid.read_mixer(files.mixer)
     shards = files.shards
     if files.manifest is not None:
@@ -153,26 +160,35 @@ def run_predict(
     beam_args: Sequence[str] = (),
     probe: bool = True,
     remote: RemoteIO | None = None,
+    export_names: Sequence[str] | None = None,
 ) -> PredictResult:
     """Predict every patch of ``export_dir`` into ``out_dir`` (prediction shards + mixer + manifest).
 
     ``probe=False`` skips the model probe when the caller has just probed the same model and shape.
-    With ``remote``, the workers read and write object storage and the finished shards are copied
-    into ``out_dir`` afterwards.
+    With ``remote``, the workers read and write object storage; the prediction shards stay in
+    ``remote.work`` (``PredictResult.remote_shards``), and ``out_dir`` gets the mixer and manifest
+    (an export without shard counts: the shards are copied into ``out_dir`` too). ``export_names``:
+    the export's files when only its metadata is in ``export_dir``.
     """
-    grid, manifest, shards = read_export(config, export_dir)
+    grid, manifest, shards = read_export(config, export_dir, export_names)
     kw, kh = manifest.kernel_size
     shape = (grid.patch_height + kh, grid.patch_width + kw)
-    model_path = remote.model if remote else config.locate(config.model.path)
+    own_model = config.locate(config.model.path)
+    model_path = remote.model if remote else own_model
     margin = (kw // 2, kh // 2)
     threads, here = model_placement(config, beam_args)
-    if probe:
-        probe_model(config.model, model_path, shape, margin, threads, here)
+    if probe:  # the configured file, not the workers' copy: a local model is not fetched back
+        probe_model(config.model, own_model, shape, margin, threads, here)
 
     compressed = config.predict.compression_level > 0
     names = [shard_name(config.predict.prefix, i, compressed) for i in range(len(shards))]
     expected = manifest.shard_records or None
-    finished = finished_shards(out_dir, names, expected)
+    stays_remote = remote is not None and expected is not None
+    if stays_remote:  # objects appear whole: one there is a finished shard (steps clears stale ones)
+        there = {posixpath.basename(path) for path, size in list_files(f"{remote.work}/*") if size}
+        finished = {i for i, name in enumerate(names) if name in there}
+    else:
+        finished = finished_shards(out_dir, names, expected)
     todo = [i for i in range(len(shards)) if i not in finished]
     flags = pipeline_flags(config, beam_args)
     pipeline = beam_local.pipeline(PipelineOptions(flags))
@@ -214,7 +230,7 @@ def run_predict(
         totals = {c.key.metric.name: c.committed or c.attempted or 0 for c in counters}
         read, written = totals.get("records_read", 0), totals.get("records_written", 0)
         skipped = totals.get("patches_skipped", 0)
-        if remote is not None:
+        if remote is not None and not stays_remote:
             from terrabeam.storage import copy_file
 
             for i in todo:
@@ -228,7 +244,14 @@ def run_predict(
         )
     out_shards = [out_dir / name for name in names]
     grid.write_mixer(mixer_path(out_dir, config.predict.prefix))
-    counts = [int(c) for c in _shard_counts(out_shards, manifest, grid)]
+    if stays_remote:
+        there = {posixpath.basename(path) for path, _ in list_files(f"{remote.work}/*")}
+        missing = [f"{remote.work}/{name}" for name in names if name not in there]
+        if missing:
+            raise RecordCountError(f"prediction shards not written: {missing}")
+        counts = list(expected)
+    else:
+        counts = [int(c) for c in _shard_counts(out_shards, manifest, grid)]
     ExportManifest(
         kernel_size=[0, 0],
         region_width=manifest.region_width,
@@ -236,7 +259,8 @@ def run_predict(
         bands=prediction_bands(config),
         shard_records=counts,
     ).write(manifest_path(out_dir, config.predict.prefix))
-    return PredictResult(grid, manifest, out_shards, written + kept, len(finished), skipped)
+    remote_shards = {name: f"{remote.work}/{name}" for name in names} if stays_remote else {}
+    return PredictResult(grid, manifest, out_shards, written + kept, len(finished), skipped, remote_shards)
 
 
 def finished_shards(out_dir: Path, names: list[str], expected: list[int] | None) -> set[int]:

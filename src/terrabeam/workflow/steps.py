@@ -13,7 +13,9 @@ import gc
 import hashlib
 import json
 import os
+import posixpath
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +29,7 @@ import apache_beam as beam
 import rasterio
 from rasterio.crs import CRS
 
+from terrabeam import storage
 from terrabeam.config import PipelineConfig
 from terrabeam.errors import ConfigError, GridMismatchError, NoDataError, TerrabeamError
 from terrabeam.grid import Grid
@@ -103,14 +106,26 @@ def predict_step(
     config: PipelineConfig, workspace: Workspace, beam_args: Sequence[str] = (), probe: bool = True
 ) -> StepReport:
     start = time.perf_counter()
-    export_dir = workspace.require_step("export")
+    remote = remote_io(config, workspace)
+    # remote workers read the export where it is: only its metadata comes here
+    export_dir, export_names = (
+        workspace.step_metadata("export") if remote else (workspace.require_step("export"), None)
+    )
     work = workspace.work_dir("predict")  # kept if interrupted: finished shards are not redone
     with disk_full_as_error(work):
-        _match_work_to(work, export_dir, config)
-        remote = remote_io(config, workspace)
-        with _shard_progress(config, export_dir, work):
-            result = run_predict(config, export_dir, work, beam_args, probe=probe, remote=remote)
-        workspace.publish(work, "predict")
+        if not _match_work_to(work, export_dir, config) and remote is not None:
+            stale = [path for path, _ in storage.list_files(f"{remote.work}/*")]
+            if stale:  # made from another export or config: not this run's finished shards
+                storage.delete(stale)
+        with _shard_progress(config, export_dir, work, remote.work if remote else None):
+            result = run_predict(
+                config, export_dir, work, beam_args, probe=probe, remote=remote, export_names=export_names
+            )
+        if result.remote_shards:  # published by copies inside the object store: no bytes through here
+            workspace.publish_remote("predict", result.remote_shards, work)
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            workspace.publish(work, "predict")
     seconds = time.perf_counter() - start
     grid = result.grid
     pixels = result.records * grid.patch_width * grid.patch_height
@@ -140,8 +155,6 @@ def remote_io(config: PipelineConfig, workspace: Workspace) -> RemoteIO | None:
         )
     if workspace.remote is None or config.runner.kind == "local":
         return None
-    from terrabeam import storage
-
     model = config.locate(config.model.path)
     if not storage.is_remote(model):
         local = Path(model)
@@ -163,9 +176,11 @@ def remote_io(config: PipelineConfig, workspace: Workspace) -> RemoteIO | None:
 
 
 @contextmanager
-def _shard_progress(config: PipelineConfig, export_dir: Path, work: Path) -> Iterator[None]:
+def _shard_progress(
+    config: PipelineConfig, export_dir: Path, work: Path, remote_work: str | None = None
+) -> Iterator[None]:
     """Report predict progress as prediction shards are published (a shard's count comes from the
-    export manifest); the runner may be anywhere, the finished files are the truth."""
+    export manifest); the runner may be anywhere, the finished files (or objects) are the truth."""
     manifest = manifest_path(export_dir, config.export.prefix)
     counts = ExportManifest.read(manifest).shard_records if manifest.exists() else []
     if not counts:
@@ -174,26 +189,33 @@ def _shard_progress(config: PipelineConfig, export_dir: Path, work: Path) -> Ite
     pattern = re.compile(rf"^{re.escape(config.predict.prefix)}-(\d+)\.tfrecord(\.gz)?$")
 
     def published() -> int:
+        if remote_work is not None:
+            names = [posixpath.basename(path) for path, _ in storage.list_files(f"{remote_work}/*")]
+        else:
+            names = [p.name for p in work.iterdir()]
         return sum(
             counts[int(m.group(1))]
-            for p in work.iterdir()
-            if (m := pattern.match(p.name)) and int(m.group(1)) < len(counts)
+            for n in names
+            if (m := pattern.match(n)) and int(m.group(1)) < len(counts)
         )
 
     with published_progress("predict", sum(counts), "patch", published):
         yield
 
 
-def _match_work_to(work: Path, export_dir: Path, config: PipelineConfig) -> None:
-    """Empty the predict work folder if it was made from another export or config."""
+def _match_work_to(work: Path, export_dir: Path, config: PipelineConfig) -> bool:
+    """Empty the predict work folder if it was made from another export or config; whether it was
+    made from this one (its finished shards, here or remote, may be kept)."""
     digest = hashlib.sha256(config.fingerprint().encode())
     for path in sorted(export_dir.glob("*.json")):
         digest.update(path.read_bytes())
     stamp, source = work / ".source", digest.hexdigest()
-    if not stamp.exists() or stamp.read_text() != source:
-        for path in work.iterdir():
-            path.unlink()
-        stamp.write_text(source)
+    if stamp.exists() and stamp.read_text() == source:
+        return True
+    for path in work.iterdir():
+        path.unlink()
+    stamp.write_text(source)
+    return False
 
 
 def map_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[str] = ()) -> StepReport:
@@ -305,11 +327,12 @@ def check_run_grid(config: PipelineConfig, workspace: Workspace, step: str) -> N
     """Refuse to run ``step`` alone on a run whose grid is not the config's: its patches would be
     decoded or placed wrongly. Compares what the config states (patch size, margin, CRS,
     resolution) with the mixer and manifest of the folder the step reads."""
-    if step == "predict":
-        grid, manifest, _ = read_export(config, workspace.require_step("export"))
+    if step == "predict":  # the metadata is enough (a remote export's shards stay where they are)
+        folder, names = workspace.step_metadata("export")
+        grid, manifest, _ = read_export(config, folder, names)
         where, kernel = workspace.step_dir("export"), manifest.kernel_size
     else:
-        where = workspace.require_step("predict")
+        where, _ = workspace.step_metadata("predict")
         grid, kernel = Grid.read_mixer(mixer_path(where, config.predict.prefix)), None
     wanted = config.grid
     differences = []
