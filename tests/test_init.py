@@ -134,3 +134,31 @@ def test_init_on_the_demo_scene_reads_what_the_demo_config_says(tmp_path, capsys
     assert config["grid"]["crs"] == demo["grid"]["crs"] and config["grid"]["resolution"] == 10.0
     assert "bands at 20 × 20 are resampled" in (tmp_path / "s2.yaml").read_text()
     assert main(["validate", str(tmp_path / "s2.yaml")]) == 0
+
+
+def test_init_reads_keras_and_torch_models(tiny_pipeline, tmp_path, capsys):
+    """Synthetic models: a Keras per-pixel DNN (its declared input), a torch.export per-pixel program
+    (its example input) and a TorchScript conv net (tried on a zero patch of the rasters' bands)."""
+    keras = pytest.importorskip("keras")
+    torch = pytest.importorskip("torch")
+    document, _ = tiny_pipeline
+    paths = [document["source"]["bands"][b]["path"] for b in ("red", "green", "nir")]
+    keras.utils.set_random_seed(0)
+    dnn = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="softmax")])
+    dnn.save(tmp_path / "dnn.keras")
+    linear = torch.nn.Sequential(torch.nn.Linear(3, 5)).eval()
+    program = torch.export.export(linear, (torch.zeros(8, 3),), dynamic_shapes=({0: torch.export.Dim("p")},))
+    torch.export.save(program, str(tmp_path / "linear.pt2"))
+    torch.jit.script(torch.nn.Conv2d(3, 6, 3, padding=1).eval()).save(str(tmp_path / "conv.pt"))
+    expected = {
+        "dnn.keras": ("tensorflow", "per_pixel", 3, 4, "probabilities"),
+        "linear.pt2": ("torch", "per_pixel", 3, 5, "logits"),
+        "conv.pt": ("torch", "per_patch", 3, 6, "logits"),
+    }
+    for name, (framework, kind, channels, outputs, output) in expected.items():
+        out = tmp_path / f"{name.replace('.', '-')}.yaml"
+        made = _init(capsys, *paths, "--model", tmp_path / name, "--out", out)["model"]
+        assert (made["framework"], made["kind"], made["channels"], made["outputs"], made["output"]) == (
+            framework, kind, channels, outputs, output,
+        ), name  # fmt: skip
+        assert main(["validate", str(out)]) == 0, capsys.readouterr().err

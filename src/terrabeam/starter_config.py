@@ -1,6 +1,7 @@
 """``terrabeam init``: a commented starter config for the user's own rasters and model, with what
 can be read from the files filled in (bands, CRS, resolution, extent; the model's framework, input
-channels, patch size and output count) and what cannot marked for the user to decide."""
+channels, patch size and output count: declared by ONNX, Keras and torch.export files, else found by
+running one zero patch) and what cannot marked for the user to decide."""
 
 from __future__ import annotations
 
@@ -162,7 +163,64 @@ def _onnx_facts(path: Path) -> ModelFacts:
     return facts
 
 
-def model_facts(path: Path) -> ModelFacts:
+def _probe_outputs(facts: ModelFacts, predict, channels: int) -> None:
+    """Output count (and probabilities or not) from one zero input of the shape the facts say."""
+    h, w = facts.size or (DEFAULT_PATCH, DEFAULT_PATCH)
+    if facts.kind == "per_pixel":
+        shape: tuple[int, ...] = (4, channels)
+    else:
+        shape = (1, channels, h, w) if facts.layout == "NCHW" else (1, h, w, channels)
+    result = np.asarray(predict(np.zeros(shape, np.float32)), dtype=np.float32)
+    axis = 1 if facts.kind == "per_pixel" or facts.layout == "NCHW" else result.ndim - 1
+    facts.outputs = int(result.shape[axis])
+    if facts.outputs > 1 and np.all(result >= 0) and np.allclose(result.sum(axis=axis), 1, atol=1e-3):
+        facts.output = "probabilities"
+
+
+def _keras_facts(path: Path, facts: ModelFacts) -> None:
+    """Keras files declare their input: (None, C) per pixel, (None, H, W, C) per patch."""
+    import keras
+
+    model = keras.models.load_model(path, compile=False)
+    shape = tuple(model.input_shape)
+    if len(shape) == 2:
+        facts.kind, facts.channels = "per_pixel", shape[1]
+    elif len(shape) == 4:
+        facts.channels = shape[3]
+        if shape[1] is not None and shape[2] is not None:
+            facts.size = (shape[1], shape[2])
+    else:
+        raise ModelError(f"{path}: input of shape {list(shape)}; terrabeam needs (N, H, W, C) or (N, bands)")
+    if facts.channels is not None:
+        _probe_outputs(facts, lambda x: model(x, training=False), facts.channels)
+
+
+def _torch_facts(path: Path, facts: ModelFacts, bands: int) -> None:
+    """A torch.export program keeps its example input's shape; a TorchScript file says nothing, so it
+    is tried on a zero patch with one channel per raster band."""
+    import torch
+
+    if path.suffix == ".pt2":
+        program = torch.export.load(str(path))
+        (example, *_), _ = program.example_inputs
+        shape = tuple(example.shape)
+        module = program.module()
+        if len(shape) == 2:
+            facts.kind = "per_pixel"
+        facts.channels = shape[1]
+    else:
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+        facts.channels = bands
+        facts.notes.append(f"input channels not declared by TorchScript: a zero patch of {bands} bands ran")
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(batch)).float().numpy()
+
+    _probe_outputs(facts, predict, facts.channels)
+
+
+def model_facts(path: Path, bands: int = 0) -> ModelFacts:
     framework = FRAMEWORK_BY_SUFFIX.get(path.suffix.lower(), "tensorflow" if path.is_dir() else None)
     if framework is None:
         raise ModelError(
@@ -177,9 +235,27 @@ def model_facts(path: Path) -> ModelFacts:
         facts.layout = "NHWC"
     if framework in ("sklearn", "lightgbm"):
         facts.kind = "per_pixel"
-    facts.notes.append(
-        f"{framework} models are not opened by init: check input_bands, classes and the patch size"
-    )
+    readers = {"torch": lambda: _torch_facts(path, facts, bands)}
+    if framework == "tensorflow" and not path.is_dir():
+        readers["tensorflow"] = lambda: _keras_facts(path, facts)
+    if framework not in readers:
+        facts.notes.append(
+            f"{framework} models are not opened by init: check input_bands, classes, patch size"
+        )
+        return facts
+    try:
+        readers[framework]()
+    except ModelError:
+        raise
+    except ImportError:
+        facts.notes.append(
+            f"{framework} is not installed here: check input_bands, classes and the patch size"
+        )
+    except Exception as exc:  # each framework raises its own types
+        message = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        facts.notes.append(
+            f"the model could not be run on a zero patch ({message}): check its input and classes"
+        )
     return facts
 
 
@@ -319,7 +395,7 @@ def write_starter_config(rasters: list[Path], model: Path, out: Path, name: str 
     if out.exists() and not force:
         raise ConfigError(f"{out}: exists; give another --out or --force to replace it")
     bands = read_bands(rasters)
-    facts = model_facts(model)
+    facts = model_facts(model, len(bands))
     default = model.stem if out.name == "terrabeam.yaml" else out.stem  # the config's own name if given one
     pipeline = _identifier(name or default).replace("_", "-")
     text = render(pipeline, bands, model, facts, out)
