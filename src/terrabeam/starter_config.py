@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from terrabeam.errors import ConfigError, ModelError
+from terrabeam.predict.models import onnx_input
 
 # Sentinel-2 band ids → the STAC eo:bands common names (what the examples use).
 SENTINEL2_COMMON_NAMES = {
@@ -112,18 +113,9 @@ def read_bands(rasters: list[Path]) -> list[RasterBand]:
 def _onnx_facts(path: Path) -> ModelFacts:
     """Input channels, fixed patch size and output count of an ONNX file: declared shapes, then one
     zero patch through ONNX Runtime for what the shapes leave symbolic."""
-    import onnx
     import onnxruntime as ort
 
-    try:
-        graph = onnx.load(path, load_external_data=False).graph
-    except Exception as exc:  # DecodeError and others for files that are not models
-        raise ModelError(f"{path}: cannot read as an ONNX model: {exc}") from None
-    weights = {init.name for init in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in weights]
-    if len(inputs) != 1:
-        raise ModelError(f"{path}: has {len(inputs)} inputs; terrabeam feeds one array")
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    name, dims = onnx_input(str(path))
     facts = ModelFacts("onnx")
     if len(dims) == 2:
         facts.kind, facts.channels = "per_pixel", dims[1]
@@ -142,24 +134,11 @@ def _onnx_facts(path: Path) -> ModelFacts:
     if facts.channels is None:
         facts.notes.append("the model does not declare its input channels: check model.input_bands")
         return facts
-    h, w = facts.size or (DEFAULT_PATCH, DEFAULT_PATCH)
-    if facts.kind == "per_pixel":
-        probe = np.zeros((4, facts.channels), np.float32)
-    elif facts.layout == "NCHW":
-        probe = np.zeros((1, facts.channels, h, w), np.float32)
-    else:
-        probe = np.zeros((1, h, w, facts.channels), np.float32)
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        (result,) = session.run(None, {inputs[0].name: probe})[:1]
+        _probe_outputs(facts, lambda x: session.run(None, {name: x})[0], facts.channels)
     except Exception as exc:  # ONNX Runtime raises its own types on shape mismatches
-        facts.notes.append(f"a zero patch of {probe.shape} failed in ONNX Runtime ({exc}); set model.classes")
-        return facts
-    axis = 1 if facts.kind == "per_pixel" or facts.layout == "NCHW" else 3
-    facts.outputs = int(result.shape[axis])
-    sums = result.sum(axis=axis)
-    if facts.outputs > 1 and np.all(result >= 0) and np.allclose(sums, 1, atol=1e-3):
-        facts.output = "probabilities"  # its outputs already sum to 1 on a probe
+        facts.notes.append(f"a zero patch failed in ONNX Runtime ({exc}); set model.classes")
     return facts
 
 

@@ -16,7 +16,7 @@ import errno
 import json
 import shutil
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -238,41 +238,15 @@ class Workspace:
         path = self.step_dir(step)
         if path.is_dir() or self.remote is None or not self.has_step(step):
             return self.require_step(step), None
-        from terrabeam import storage
-
-        source = self.remote_step(step)
-        listing = json.loads(storage.read_bytes(f"{source}/{COMPLETE}"))["files"]
-        self.ensure_writable()
-        view = self.run_dir / f".{step}.metadata"
-        staging = self.run_dir / f".{step}.staging-{uuid.uuid4().hex[:8]}"
-        try:
-            staging.mkdir()
-            for name in listing:
-                if name.endswith(".json") and "/" not in name:
-                    storage.copy_file(f"{source}/{name}", str(staging / name))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        replace_folder(staging, view)
-        return view, sorted(listing)
+        names = self._fetch(step, self.run_dir / f".{step}.metadata", lambda name: name.endswith(".json"))
+        return self.run_dir / f".{step}.metadata", names
 
     def publish_remote(self, step: str, objects: dict[str, str], folder: Path) -> None:
         """Publish the step in the remote workspace from ``objects`` (name → URI in the same store,
         copied there without their bytes passing through this machine) and ``folder``'s files (small
         ones made here); then its completion marker. The mirror keeps no copy of the step: a later
         step that needs it here downloads it (``require_step``)."""
-        from terrabeam import storage
-
-        target = self.remote_step(step)
-        marker = f"{target}/{COMPLETE}"
-        if storage.exists(marker):  # replacing an older folder: unfinished until the new marker
-            storage.delete([marker])
-        listing = {
-            name: storage.copy_object(uri, f"{target}/{name}") for name, uri in sorted(objects.items())
-        }
-        for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-            listing[path.name] = storage.copy_file(str(path), f"{target}/{path.name}")
-        storage.write_bytes(marker, json.dumps({"run": self.run_id, "step": step, "files": listing}).encode())
+        self._upload(step, folder, objects)
         shutil.rmtree(self.step_dir(step), ignore_errors=True)  # an older local copy is not this one
 
     @contextmanager
@@ -320,21 +294,28 @@ class Workspace:
 
             storage.copy_file(str(path), f"{self.remote}/{self.run_id}/{path.relative_to(self.run_dir)}")
 
-    def _upload(self, step: str) -> None:
+    def _upload(self, step: str, folder: Path | None = None, objects: dict[str, str] | None = None) -> None:
+        """The remote step folder from ``folder``'s files (default: the published one) and
+        ``objects`` (name → URI in the same store, copied there server-side); the marker last."""
         from terrabeam import storage
 
+        folder = folder or self.step_dir(step)
         target = self.remote_step(step)
         marker = f"{target}/{COMPLETE}"
         if storage.exists(marker):  # replacing an older folder: unfinished until the new marker
             storage.delete([marker])
-        files = sorted(p for p in self.step_dir(step).rglob("*") if p.is_file())
-        listing = {}
-        for path in files:
-            name = path.relative_to(self.step_dir(step)).as_posix()
+        listing = {
+            name: storage.copy_object(uri, f"{target}/{name}")
+            for name, uri in sorted((objects or {}).items())
+        }
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            name = path.relative_to(folder).as_posix()
             listing[name] = storage.copy_file(str(path), f"{target}/{name}")
         storage.write_bytes(marker, json.dumps({"run": self.run_id, "step": step, "files": listing}).encode())
 
-    def _download(self, step: str) -> None:
+    def _fetch(self, step: str, target: Path, wanted: Callable[[str], bool] = lambda name: True) -> list[str]:
+        """Download the ``wanted`` files of the complete remote step folder into ``target`` (replaced
+        whole, sizes checked against the marker); returns the names of all its files."""
         from terrabeam import storage
 
         source = self.remote_step(step)
@@ -342,13 +323,18 @@ class Workspace:
         self.ensure_writable()
         staging = self.run_dir / f".{step}.staging-{uuid.uuid4().hex[:8]}"
         try:
+            staging.mkdir()
             for name, size in listing.items():
-                if storage.copy_file(f"{source}/{name}", str(staging / name)) != size:
+                if wanted(name) and storage.copy_file(f"{source}/{name}", str(staging / name)) != size:
                     raise WorkspaceError(f"{source}/{name}: size differs from {COMPLETE}; the folder changed")
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self._publish_locally(staging, step)
+        replace_folder(staging, target)
+        return sorted(listing)
+
+    def _download(self, step: str) -> None:
+        self._fetch(step, self.step_dir(step))
 
     def _publish_locally(self, folder: Path, step: str) -> None:
         replace_folder(folder, self.step_dir(step))

@@ -162,13 +162,9 @@ class ModelSignature:
     width: int
 
 
-def _declared_dims(value_info) -> list[int | None]:
-    """Dims of an ONNX graph input/output; None where symbolic (e.g. "batch_size")."""
-    return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
-
-
-def _check_onnx_input(model: ModelConfig, path: str, patch_shape: tuple[int, int]) -> None:
-    """ONNX files declare their input shape: compare it with the config before loading the model."""
+def onnx_input(path: str) -> tuple[str, list[int | None]]:
+    """The one input of an ONNX graph (its weights left out): its name and declared dims, None where
+    symbolic (e.g. "batch_size")."""
     import onnx
 
     try:
@@ -181,12 +177,18 @@ def _check_onnx_input(model: ModelConfig, path: str, patch_shape: tuple[int, int
     inputs = [i for i in graph.input if i.name not in weights]
     if len(inputs) != 1:
         raise ModelError(f"{path}: expects {len(inputs)} inputs; terrabeam feeds one array")
-    dims = _declared_dims(inputs[0])
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    return inputs[0].name, dims
+
+
+def _check_onnx_input(model: ModelConfig, path: str, patch_shape: tuple[int, int]) -> None:
+    """ONNX files declare their input shape: compare it with the config before loading the model."""
+    _, dims = onnx_input(path)
     bands = len(model.input_bands)
     expected = 2 if model.kind == "per_pixel" else 4
     if len(dims) != expected:
         raise ModelError(
-            f"{path}: input {inputs[0].name} has shape {dims}; a {model.kind} model needs "
+            f"{path}: input of shape {dims}; a {model.kind} model needs "
             f"{'(pixels, bands)' if expected == 2 else '(N, C, H, W) or (N, H, W, C)'}"
         )
     if model.kind == "per_pixel":

@@ -22,7 +22,8 @@ import hashlib
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from terrabeam.earthengine import EarthEngineError, connect
 from terrabeam.sinks.earthengine import asset_exists, ensure_collection, image_properties, pyramiding_policy
 from terrabeam.sinks.mosaic import TILES_FOLDER
 from terrabeam.sinks.tiles import MapLayer, cog_options
+from terrabeam.sinks.vrt import layer_vrt, write_vrt_file
 from terrabeam.storage import join
 
 log = logging.getLogger(__name__)
@@ -89,32 +91,23 @@ def cog_rule_violations(path: Path) -> list[str]:
 
 
 def _single_band_cog(source: Path, band: int, target: Path, layer: MapLayer, compression: tuple) -> Path:
-    """Band ``band`` of ``source`` as its own COG, with the source's tags (through a one-band VRT:
-    no pixels held in memory)."""
+    """Band ``band`` of ``source`` as its own COG, with the source's tags (through a one-band VRT,
+    the layer's georeferencing, description and nodata: no pixels held in memory)."""
     with rasterio.open(source) as ds:
-        width, height, dtype = ds.width, ds.height, ds.dtypes[band - 1]
-        transform, crs, nodata = ds.transform, ds.crs.to_wkt(), ds.nodata
-        description, tags = ds.descriptions[band - 1] or "", ds.tags()
-    gdal_type = {"uint8": "Byte", "float32": "Float32", "float64": "Float64", "int16": "Int16",
-                 "uint16": "UInt16", "int32": "Int32"}[dtype]  # fmt: skip
-    nodata_xml = f"<NoDataValue>{nodata}</NoDataValue>" if nodata is not None else ""
-    metadata = "".join(f'<MDI key="{_xml(k)}">{_xml(v)}</MDI>' for k, v in tags.items())
-    vrt = target.with_suffix(".vrt")
-    vrt.write_text(
-        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><Metadata>{metadata}</Metadata>'
-        f"<SRS>{_xml(crs)}</SRS><GeoTransform>{', '.join(map(repr, transform.to_gdal()))}</GeoTransform>"
-        f'<VRTRasterBand dataType="{gdal_type}" band="1">{nodata_xml}'
-        f"<Description>{_xml(description)}</Description><SimpleSource>"
-        f'<SourceFilename relativeToVRT="0">{_xml(str(source.resolve()))}</SourceFilename>'
-        f"<SourceBand>{band}</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>"
+        width, height, crs, transform, tags = ds.width, ds.height, ds.crs, ds.transform, ds.tags()
+    one_band = replace(layer, bands=[layer.bands[band - 1]], descriptions=[layer.descriptions[band - 1]])
+
+    def add_source(element: ET.Element, _: int) -> None:
+        simple = ET.SubElement(element, "SimpleSource")
+        ET.SubElement(simple, "SourceFilename", relativeToVRT="0").text = str(source.resolve())
+        ET.SubElement(simple, "SourceBand").text = str(band)
+
+    vrt = write_vrt_file(
+        layer_vrt(width, height, crs, transform, one_band, add_source, tags=tags), target.with_suffix(".vrt")
     )
-    rasterio.shutil.copy(vrt, target, driver="COG", **cog_options(layer, *compression))
+    rasterio.shutil.copy(vrt, target, driver="COG", **cog_options(one_band, *compression))
     vrt.unlink()
     return target
-
-
-def _xml(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
 def plan_images(
