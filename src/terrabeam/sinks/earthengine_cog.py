@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import math
 import shutil
 import tempfile
 import xml.etree.ElementTree as ET
@@ -110,36 +111,36 @@ def _single_band_cog(source: Path, band: int, target: Path, layer: MapLayer, com
     return target
 
 
-def plan_images(
-    config: PipelineConfig, deliver: Path, layers: list[MapLayer], tile_names: list[str], scratch: Path
-) -> list[ImagePlan]:
-    """The images to register and the single-band COGs backing them, made in ``scratch`` where a
-    layer has several bands: one image from the one-COG-per-layer files, else one per tile."""
-    stem = config.name
+def image_files(
+    stem: str, deliver: Path, layers: list[MapLayer], tile_names: list[str]
+) -> list[tuple[str, dict[str, Path]]]:
+    """(asset name suffix, layer stem → file) of each image to register: one from the
+    one-COG-per-layer files, else one per tile."""
+    if all((deliver / f"{stem}-{layer.stem}.tif").exists() for layer in layers):
+        return [("", {layer.stem: deliver / f"{stem}-{layer.stem}.tif" for layer in layers})]
+    tiles = deliver / TILES_FOLDER
+    return [
+        (f"_{n}", {layer.stem: tiles / f"{stem}-{layer.stem}-{n}.tif" for layer in layers})
+        for n in tile_names
+    ]
+
+
+def image_bands(
+    config: PipelineConfig, layers: list[MapLayer], suffix: str, files: dict[str, Path], scratch: Path
+) -> ImagePlan:
+    """The image with one single-band COG per band: a one-band layer's own file, else made in
+    ``scratch`` from its layer's file."""
     compression = (config.outputs.compression, config.outputs.compression_level)
-    whole = all((deliver / f"{stem}-{layer.stem}.tif").exists() for layer in layers)
-    places = [("", lambda layer: deliver / f"{stem}-{layer.stem}.tif")] if whole else []
-    if not whole:
-        places = [
-            (f"_{name}", lambda layer, n=name: deliver / TILES_FOLDER / f"{stem}-{layer.stem}-{n}.tif")
-            for name in tile_names
-        ]
-    images = []
-    for suffix, where in places:
-        bands = []
-        for layer in layers:
-            path = where(layer)
-            for index, band in enumerate(layer.bands, start=1):
-                nodata = None if layer.nodata != layer.nodata else layer.nodata  # NaN: no value to name
-                if len(layer.bands) == 1:
-                    backing = path
-                else:
-                    backing = _single_band_cog(
-                        path, index, scratch / f"{stem}-{band}{suffix}.tif", layer, compression
-                    )
-                bands.append(BandFile(band, backing, pyramiding_policy(band), nodata))
-        images.append(ImagePlan(suffix, bands))
-    return images
+    bands = []
+    for layer in layers:
+        for index, band in enumerate(layer.bands, start=1):
+            backing = files[layer.stem]
+            if len(layer.bands) > 1:
+                target = scratch / f"{config.name}-{band}{suffix}.tif"
+                backing = _single_band_cog(backing, index, target, layer, compression)
+            nodata = None if math.isnan(layer.nodata) else layer.nodata  # NaN: no value to name
+            bands.append(BandFile(band, backing, pyramiding_policy(band), nodata))
+    return ImagePlan(suffix, bands)
 
 
 def _md5(path: Path) -> str:
@@ -230,17 +231,17 @@ def register_cogs(
     check_bucket_location(config.earthengine.staging)
     scratch = Path(tempfile.mkdtemp(prefix=".earthengine-", dir=deliver.parent))
     try:
-        images = plan_images(config, deliver, layers, tile_names, scratch)
-        problems = [p for image in images for b in image.bands for p in cog_rule_violations(b.path)]
-        if problems:
-            raise EarthEngineError("not fit to back an Earth Engine asset: " + "; ".join(problems[:5]))
         ensure_collection(ee, config.outputs.earthengine.collection)
         assets = []
-        for image in images:
-            asset = base_asset + image.suffix
+        for suffix, files in image_files(config.name, deliver, layers, tile_names):
+            asset = base_asset + suffix
             assets.append(asset)
-            if asset_exists(ee, asset):
+            if asset_exists(ee, asset):  # registered by an earlier attempt: nothing to make or upload
                 continue
+            image = image_bands(config, layers, suffix, files, scratch)
+            problems = [p for b in image.bands for p in cog_rule_violations(b.path)]
+            if problems:  # checked before any of its files is uploaded
+                raise EarthEngineError("not fit to back an Earth Engine asset: " + "; ".join(problems[:5]))
             uris = {b.band: upload_pinned(b.path, join(folder, f"{config.name}-{b.band}{image.suffix}.tif"))
                     for b in image.bands}  # fmt: skip
             manifest = external_manifest(config, asset, uris, image, run_id, start, end)
