@@ -266,7 +266,13 @@ def _grid_sizes(facts: ModelFacts) -> tuple[int, int, int, int, str]:
 
 
 def _yaml(value: object) -> str:
+    """A YAML flow value: JSON is YAML (quoted strings, plain numbers)."""
     return json.dumps(value)
+
+
+def _names(names: list[str]) -> str:
+    """``[a, b]``: identifiers need no quotes."""
+    return f"[{', '.join(names)}]"
 
 
 def render(name: str, bands: list[RasterBand], model: Path, facts: ModelFacts, out: Path) -> str:
@@ -340,7 +346,7 @@ def render(name: str, bands: list[RasterBand], model: Path, facts: ModelFacts, o
         lines.append(f"  layout: {facts.layout}")
     unused = [b.name for b in bands[channels:]]
     lines.append(
-        f"  input_bands: {_yaml(inputs).replace(chr(34), '')}"
+        f"  input_bands: {_names(inputs)}"
         + (f"   # CHECK: the model takes {channels}; not fed: {', '.join(unused)}" if unused else "")
     )
     lines += [
@@ -351,7 +357,7 @@ def render(name: str, bands: list[RasterBand], model: Path, facts: ModelFacts, o
             if facts.output == "probabilities"
             else "                    # softmax is applied; or probabilities / regression"
         ),
-        f"  classes: {_yaml(classes).replace(chr(34), '')}   # CHECK: name the model's {outputs} outputs, in order",
+        f"  classes: {_names(classes)}   # CHECK: name the model's {outputs} outputs, in order",
         "  batch_size: 4",
         "",
         "outputs:",
