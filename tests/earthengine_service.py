@@ -6,7 +6,9 @@
   endpoint for Application Default Credentials, and plays back what the service answers: image
   export and import requests give operations whose states advance on each poll along a script
   (PENDING → RUNNING → SUCCEEDED, or FAILED with a message); external images (COG-backed,
-  ``image:importExternal``) are registered at once; assets are created and looked up
+  ``image:importExternal``) are registered at once; ``image:computePixels`` answers
+  ``synthetic_pixels`` on the grid asked for (NPY), after any refusals queued (429 / 503, with
+  Retry-After), refusing requests over 48 MiB; assets are created and looked up
   (404 with Earth Engine's error body when missing). Every request is recorded for assertions.
 - ``gcs_emulator``: Cloud Storage's JSON API from the ``gcp-storage-emulator`` package, reached by
   the real google-cloud-storage client (through Beam's FileSystems) via STORAGE_EMULATOR_HOST.
@@ -16,21 +18,43 @@ Nothing here was checked against the live services; see the README ("Earth Engin
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
 import threading
+import time
 import urllib.parse
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import ee
+import numpy as np
 
 EE_TEST_FILES = os.path.join(os.path.dirname(ee.__file__), "tests")
 # made per test process: the playback hands it out and checks it; nothing real is ever stored
 ACCESS_TOKEN = secrets.token_urlsafe(24)
+COMPUTE_PIXELS_LIMIT = 48 * 2**20  # bytes of one computePixels answer
+
+
+def synthetic_pixels(bands: list[str], transform: tuple[float, ...], width: int, height: int):
+    """What the playback's "Earth Engine" computes, for exports and computePixels alike: a smooth
+    field of each pixel centre's map coordinates, different per band ({band: (h, w) float32}).
+    ``transform`` is (a, b, c, d, e, f) of the pixel grid asked for. Synthetic data: it makes the
+    two fetch paths comparable pixel for pixel, not a real image."""
+    a, b, c, d, e, f = transform
+    cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    x, y = a * cols + b * rows + c, d * cols + e * rows + f
+    fields = {}
+    for band in bands:  # a band's values depend on its name, never on its place in the request
+        k = zlib.crc32(band.encode()) % 100 / 100
+        fields[band] = (np.sin(x / 97.0 + 7 * k) + np.cos(y / 53.0 - 5 * k) * 0.5 + k - 0.5).astype(
+            np.float32
+        )
+    return fields
 
 
 @dataclass
@@ -40,6 +64,8 @@ class Request:
     query: dict[str, list[str]]
     headers: dict[str, str]  # names in lower case
     body: Any
+    received: float = field(default_factory=time.monotonic)
+    answered: float | None = None
 
 
 @dataclass
@@ -76,11 +102,16 @@ class EarthEnginePlayback:
     import_script: list[str] = field(default_factory=lambda: ["RUNNING", "SUCCEEDED"])
     failure_message: str = "Export too large: specified 1e9 pixels (max: 1e8)."
     on_export: Callable[[dict[str, Any]], None] | None = None
+    compute_seconds: float = 0.0  # how long each computePixels answer takes
+    compute_refusals: list[tuple[int, str | None]] = field(default_factory=list)  # (status, Retry-After)
+    in_flight: int = 0
+    max_in_flight: int = 0
     requests: list[Request] = field(default_factory=list)
     operations: dict[str, Operation] = field(default_factory=dict)
     assets: dict[str, dict[str, Any]] = field(default_factory=dict)
     by_request_id: dict[str, str] = field(default_factory=dict)
     server: ThreadingHTTPServer | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def url(self) -> str:
@@ -127,11 +158,16 @@ class EarthEnginePlayback:
             method, parsed.path, urllib.parse.parse_qs(parsed.query), dict(handler.headers), body
         )
         self.requests.append(request)
-        status, answer = self._answer(request)
-        data = json.dumps(answer).encode()
+        status, answer, headers = (*self._answer(request), {})[:3]
+        binary = isinstance(answer, bytes)
+        data = answer if binary else json.dumps(answer).encode()
+        request.answered = time.monotonic()
         handler.send_response(status)
-        handler.send_header("Content-Type", "application/json; charset=UTF-8")
+        content_type = "application/octet-stream" if binary else "application/json; charset=UTF-8"
+        handler.send_header("Content-Type", content_type)
         handler.send_header("Content-Length", str(len(data)))
+        for name, value in headers.items():
+            handler.send_header(name, value)
         handler.end_headers()
         handler.wfile.write(data)
 
@@ -164,6 +200,8 @@ class EarthEnginePlayback:
                 return 400, _error(400, f"Cannot overwrite asset '{name}'.", "ALREADY_EXISTS")
             self.assets[name] = {"name": name, "type": "IMAGE"}
             return 200, {}
+        if request.method == "POST" and path == f"{prefix}/image:computePixels":
+            return self._compute_pixels(request)
         if request.method == "POST" and path == f"{prefix}/image:import":
             return 200, self._start(request, "INGEST_IMAGE", self.import_script)
         if request.method == "GET" and path.startswith(f"{prefix}/operations/"):
@@ -184,6 +222,47 @@ class EarthEnginePlayback:
             self.assets[name] = {"name": name, "type": request.body.get("type")}
             return 200, self.assets[name]
         return 404, _error(404, f"playback has no answer for {request.method} {path}", "NOT_FOUND")
+
+    def _compute_pixels(self, request: Request) -> tuple[Any, ...]:
+        """The pixels of ``synthetic_pixels`` on the request's grid, as Earth Engine's NPY answer (a
+        structured array, a field per band); first the queued refusals (429 / 503 …); a request
+        over the 48 MiB limit refused as Earth Engine does."""
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            refusal = self.compute_refusals.pop(0) if self.compute_refusals else None
+        try:
+            time.sleep(self.compute_seconds)
+            if refusal is not None:
+                status, retry_after = refusal
+                headers = {"Retry-After": retry_after} if retry_after is not None else {}
+                return (
+                    status,
+                    _error(status, "Too many concurrent aggregations.", "RESOURCE_EXHAUSTED"),
+                    headers,
+                )
+            body = request.body
+            grid, bands = body["grid"], body["bandIds"]
+            width, height = grid["dimensions"]["width"], grid["dimensions"]["height"]
+            size = width * height * len(bands) * 4
+            if size > COMPUTE_PIXELS_LIMIT:
+                limit = COMPUTE_PIXELS_LIMIT
+                message = f"Total request size ({size} bytes) must be less than or equal to {limit} bytes."
+                return 400, _error(400, message, "INVALID_ARGUMENT")
+            t = grid["affineTransform"]
+            transform = tuple(
+                t.get(k, 0.0) for k in ("scaleX", "shearX", "translateX", "shearY", "scaleY", "translateY")
+            )
+            values = synthetic_pixels(bands, transform, width, height)
+            answer = np.empty((height, width), dtype=[(band, "<f4") for band in bands])
+            for band in bands:
+                answer[band] = values[band]
+            buffer = io.BytesIO()
+            np.save(buffer, answer)
+            return 200, buffer.getvalue()
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
     def _start(self, request: Request, kind: str, script: list[str]) -> dict[str, Any]:
         request_id = request.body.get("requestId")

@@ -2,8 +2,9 @@
 playback of the Earth Engine REST API on 127.0.0.1, google-cloud-storage (through Beam's FileSystems)
 to a Cloud Storage emulator, and credentials come from an Application Default Credentials file whose
 token endpoint is the playback (tests/earthengine_service.py). What Earth Engine would export is
-synthetic: random patches written in its layout (protobuf oracle + Beam's TFRecord codec, gzip,
-three shards, kernel margin, non-square patches). Nothing here reached the live services.
+synthetic: the playback's ``synthetic_pixels`` of the grid cut into patches and written in its layout
+(protobuf oracle + Beam's TFRecord codec, gzip, three shards, kernel margin, non-square patches).
+Nothing here reached the live services.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 import yaml
 from apache_beam.io.tfrecordio import _TFRecordUtil
 from conftest import write_conv_model
-from earthengine_service import ACCESS_TOKEN, EarthEnginePlayback, write_adc_file
+from earthengine_service import ACCESS_TOKEN, EarthEnginePlayback, synthetic_pixels, write_adc_file
 
 from terrabeam import earthengine
 from terrabeam.cli import main
@@ -42,6 +43,20 @@ BUCKET = "terrabeam-test"
 W, H, KW, KH = 12, 8, 4, 2
 WINDOW = "2025-01-01/2025-02-01"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+GRID_ORIGIN = (399990.0, 5599500.0)  # the config's grid: 30 m pixels from this corner
+EXPORT_BANDS = ["red", "nir", "ndvi"]
+
+
+def grid_patches(pw: int, ph: int, kw: int, kh: int) -> list[np.ndarray]:
+    """The 4 × 3 patches (bands, ph + kh, pw + kw) of the config's grid, margins included, as the
+    playback's Earth Engine computes them: what an export writes and computePixels answers."""
+    patches = []
+    for index in range(12):
+        row, col = divmod(index, 4)
+        x, y = GRID_ORIGIN[0] + (col * pw - kw // 2) * 30, GRID_ORIGIN[1] - (row * ph - kh // 2) * 30
+        values = synthetic_pixels(EXPORT_BANDS, (30, 0, x, 0, -30, y), pw + kw, ph + kh)
+        patches.append(np.stack([values[b] for b in EXPORT_BANDS]))
+    return patches
 
 
 def _free_port() -> int:
@@ -81,16 +96,14 @@ def services(tmp_path, monkeypatch, gcs, example_pb2):
         prefix = options["cloudStorageDestination"]["filenamePrefix"]
         tile = options["tfRecordOptions"]["tileDimensions"]
         margin = options["tfRecordOptions"]["marginDimensions"]
-        rng = np.random.default_rng(len(playback.exported))
-        shape = (3, tile["height"] + margin["height"], tile["width"] + margin["width"])
-        patches = [rng.random(shape).astype(np.float32) for _ in range(12)]
+        patches = grid_patches(tile["width"], tile["height"], margin["width"], margin["height"])
         playback.exported = patches
         chunks = [patches] if playback.single_file else [patches[0:5], patches[5:9], patches[9:12]]
         for number, chunk in enumerate(chunks):
             buffer = io.BytesIO()
             for patch in chunk:
                 example = example_pb2.Example()
-                for name, band in zip(("red", "nir", "ndvi"), patch, strict=True):
+                for name, band in zip(EXPORT_BANDS, patch, strict=True):
                     example.features.feature[name].float_list.value.extend(band.ravel().tolist())
                 _TFRecordUtil.write_record(buffer, example.SerializeToString())
             blob = gcs.blob(
@@ -100,7 +113,7 @@ def services(tmp_path, monkeypatch, gcs, example_pb2):
         mixer = {
             "projection": {
                 "crs": "EPSG:32633",
-                "affine": {"doubleMatrix": [30.0, 0.0, 399990.0, 0.0, -30.0, 5599500.0]},
+                "affine": {"doubleMatrix": [30.0, 0.0, *GRID_ORIGIN[:1], 0.0, -30.0, *GRID_ORIGIN[1:]]},
             },
             "patchDimensions": [tile["width"], tile["height"]],
             "patchesPerRow": 4,

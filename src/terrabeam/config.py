@@ -146,6 +146,12 @@ class EarthEngineSource(_Strict):
     reducer: Literal["median", "mean", "min", "max", "mosaic"] = "median"
     fill_value: float = Field(0.0, description="value Earth Engine writes for masked pixels (defaultValue)")
     max_pixels: float = Field(1e13, description="Earth Engine's maxPixels export limit")
+    fetch: Literal["export", "compute_pixels", "auto"] = Field(
+        "export",
+        description="export: a batch export task writes TFRecord patches to Cloud Storage; "
+        "compute_pixels: the workers request the patches' pixels directly (no task, no files), "
+        "rate-limited; auto: compute_pixels when the grid needs at most 1000 requests, else export",
+    )
 
     @model_validator(mode="after")
     def _collection_or_image(self) -> EarthEngineSource:
@@ -261,6 +267,22 @@ class EarthEngineConfig(_Strict):
         "(no key file needed); default: the credentials themselves",
     )
     api_url: str | None = Field(None, description="Earth Engine REST endpoint (default: Google's)")
+    max_requests_per_second: float = Field(
+        10.0,
+        gt=0,
+        description="computePixels requests started per second, all workers together (the project's "
+        "quota is 100/s, shared with everything else it runs)",
+    )
+    max_concurrent: int = Field(
+        16, ge=1, description="computePixels requests in flight at once, all workers together (quota: 40)"
+    )
+    max_request_bytes: int = Field(
+        48 * 2**20,
+        ge=1,
+        le=48 * 2**20,
+        description="largest computePixels response asked for (Earth Engine's limit: 48 MiB), values "
+        "and masks counted",
+    )
 
 
 class EarthEngineSink(_Strict):

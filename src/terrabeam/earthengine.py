@@ -98,6 +98,42 @@ def connect(config: EarthEngineConfig) -> Any:
     return ee
 
 
+class Refusal(Exception):
+    """An HTTP error answer of Earth Engine: its status, its Retry-After (seconds) if it sent one,
+    and its message."""
+
+    def __init__(self, status: int, retry_after: float | None, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status, self.retry_after, self.message = status, retry_after, message
+
+
+def compute_pixels(body: dict[str, Any]) -> bytes:
+    """POST ``image:computePixels`` once (``body['expression']`` already serialized, format NPY) and
+    return the response's bytes; an error answer raises :class:`Refusal`.
+
+    ``ee.data.computePixels`` lets the HTTP client retry 429 and 5xx answers on its own, out of
+    reach of terrabeam's rate limit, and reduces the answer to a message without its status. This
+    is the same request through the client's own API resource (so credentials, endpoint, project
+    and workload tag are the client's), executed without retries.
+    """
+    require_earthengine_api()
+    import googleapiclient.errors
+    from ee import data
+
+    body = dict(body)
+    data._maybe_populate_workload_tag(body)
+    call = data._get_cloud_projects_raw().image().computePixels(project=data._get_projects_path(), body=body)
+    try:
+        return call.execute(num_retries=0)
+    except googleapiclient.errors.HttpError as exc:
+        retry_after = exc.resp.get("retry-after")
+        try:
+            seconds = float(retry_after) if retry_after is not None else None
+        except ValueError:  # an HTTP date: not worth parsing, the backoff applies
+            seconds = None
+        raise Refusal(int(exc.resp.status), seconds, exc._get_reason().strip()) from None
+
+
 def request_id(*parts: str) -> str:
     """A request id derived from the run: sending the same request twice starts one task, not two."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "terrabeam:" + ":".join(parts)))

@@ -118,6 +118,7 @@ class Plan:
     limits: dict[str, int | None]
     over_limits: list[str]
     assumptions: list[str] = field(default_factory=list)
+    earthengine_requests: int | None = None  # computePixels requests (source.fetch)
 
     def as_dict(self) -> dict[str, Any]:
         document = asdict(self)
@@ -153,6 +154,7 @@ def plan_shards(config: PipelineConfig, tiling: Tiling, bands: list[str]) -> lis
     ``outputs.tfrecord`` (records_per_shard of the map sink), or an export's patch shards and one
     prediction shard per export shard (export → predict → deliver)."""
     from terrabeam.sinks.shards import RECORD_OVERHEAD, records_per_shard
+    from terrabeam.sources.earthengine_pixels import uses_compute_pixels
     from terrabeam.workflow.steps import one_pipeline
 
     grid, limit = tiling.grid, config.export.max_file_size
@@ -168,7 +170,7 @@ def plan_shards(config: PipelineConfig, tiling: Tiling, bands: list[str]) -> lis
     count = -(-grid.total_patches // per)
     note = (
         "at most: Earth Engine sizes its own shards (export.max_file_size is its maxFileSize)"
-        if config.source.kind == "earthengine"
+        if config.source.kind == "earthengine" and not uses_compute_pixels(config)
         else ""
     )
     return [
@@ -449,7 +451,21 @@ def make_plan(config: PipelineConfig, calibrate_here: bool = True) -> Plan:
         limits={"max_patches": limits.max_patches, "max_scratch_bytes": limits.max_scratch_bytes},
         over_limits=over,
         assumptions=assumptions,
+        earthengine_requests=_compute_pixels_requests(config, tiling),
     )
+
+
+def _compute_pixels_requests(config: PipelineConfig, tiling: Tiling) -> int | None:
+    """computePixels requests of an Earth Engine source fetched that way (per tile row in one
+    pipeline, per export block when the export files are written here); None otherwise."""
+    from terrabeam.sources.earthengine_pixels import count_requests, tile_blocks, uses_compute_pixels
+    from terrabeam.sources.raster import export_blocks
+    from terrabeam.workflow.steps import one_pipeline
+
+    if not uses_compute_pixels(config):
+        return None
+    blocks = tile_blocks(tiling) if one_pipeline(config) else export_blocks(tiling.grid)
+    return count_requests(config, tiling.grid, blocks)
 
 
 def check_limits(config: PipelineConfig, confirmed: bool) -> None:
@@ -501,6 +517,8 @@ def describe_plan(plan: Plan) -> str:
             f"  shards   {s.count:,} {s.kind} shards of {s.records_per_shard:,} records, "
             f"≤ {format_bytes(s.bytes_per_shard)} each{note}"
         )
+    if plan.earthengine_requests is not None:
+        lines.append(f"  fetch    {plan.earthengine_requests:,} Earth Engine computePixels requests")
     read = format_bytes(plan.bytes_read) if plan.bytes_read is not None else "unknown (not a raster source)"
     lines += [
         f"  read     {read} of source pixels (decoded)",

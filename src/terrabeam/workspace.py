@@ -114,11 +114,17 @@ class Workspace:
     """One run's folder inside a workspace root."""
 
     def __init__(
-        self, root: Path, run_id: str, remote: str | None = None, window: tuple[str, str] | None = None
+        self,
+        root: Path,
+        run_id: str,
+        remote: str | None = None,
+        window: tuple[str, str] | None = None,
+        created: float | None = None,
     ) -> None:
         self.root = root
         self.run_id = run_id
         self.window = window  # the run's [start, end) as ISO dates, if it has one (recorded in maps)
+        self.created = created  # when the run was made (its date without a window)
         self.run_dir = root / run_id
         self.remote = remote
 

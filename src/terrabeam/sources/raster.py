@@ -8,11 +8,13 @@ kernel margin), so memory does not depend on the scene's size.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import apache_beam as beam
@@ -373,7 +375,7 @@ class ExportResult:
     shards: list[Path]
 
 
-def _blocks(grid: Grid) -> Iterator[tuple[int, int, int]]:
+def export_blocks(grid: Grid) -> Iterator[tuple[int, int, int]]:
     """(patch row, first column, column after the last) of each block of patches read at once, in
     patch order: one patch row, at most ~BLOCK_WIDTH pixels wide."""
     per_block = max(1, BLOCK_WIDTH // grid.patch_width)
@@ -386,16 +388,28 @@ def _blocks(grid: Grid) -> Iterator[tuple[int, int, int]]:
 def export_rasters(config: PipelineConfig, out_dir: Path) -> ExportResult:
     """Write Earth Engine-layout shards, mixer and manifest for the configured rasters into ``out_dir``."""
     grid, region = export_grid(config)
+    return export_patches(
+        config, out_dir, grid, region, RasterPatchReader(config, grid, config.grid.kernel_size)
+    )
+
+
+def export_patches(
+    config: PipelineConfig, out_dir: Path, grid: Grid, region: TargetRegion, reader: RasterPatchReader
+) -> ExportResult:
+    """Write Earth Engine-layout shards, mixer and manifest of ``reader``'s patches (closed after)
+    into ``out_dir``, in grid order; a reader with ``read_ahead`` has that many blocks in flight."""
     kernel = config.grid.kernel_size
     writer = ShardedWriter(
         out_dir, config.export.prefix, config.export.max_file_size, config.export.compression_level
     )
+    depth = max(1, getattr(reader, "read_ahead", 1))
     with ExitStack() as stack:
         stack.callback(writer.close)
-        reader = stack.enter_context(RasterPatchReader(config, grid, kernel))
+        stack.enter_context(reader)
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=depth))
         progress = stack.enter_context(Progress("export", grid.total_patches))
-        for block in _blocks(grid):
-            for _, patch in reader.read_block(*block):
+        for patches in read_ahead(pool, reader, export_blocks(grid), depth):
+            for _, patch in patches:
                 writer.write(encode_example(patch))
                 progress.advance()
     grid.write_mixer(mixer_path(out_dir, config.export.prefix))
@@ -408,6 +422,19 @@ def export_rasters(config: PipelineConfig, out_dir: Path) -> ExportResult:
     )
     manifest.write(manifest_path(out_dir, config.export.prefix))
     return ExportResult(grid, manifest, writer.paths)
+
+
+def read_ahead(
+    pool: ThreadPoolExecutor, reader: RasterPatchReader, blocks: Iterable[tuple[int, int, int]], depth: int
+) -> Iterator[list[tuple[int, dict[str, np.ndarray]]]]:
+    """``reader.read_block`` of each block, in order, with ``depth`` blocks read ahead in ``pool``."""
+    blocks = iter(blocks)
+    pending = deque(pool.submit(reader.read_block, *block) for block in islice(blocks, depth))
+    while pending:
+        patches = pending.popleft().result()
+        for block in islice(blocks, 1):
+            pending.append(pool.submit(reader.read_block, *block))
+        yield patches
 
 
 class _ReadTilePatches(beam.DoFn):
@@ -425,15 +452,13 @@ class _ReadTilePatches(beam.DoFn):
 
     def setup(self) -> None:
         self._reader = self.open_reader()
-        self._ahead = ThreadPoolExecutor(max_workers=1)
+        # blocks read ahead: one for files; a network source may ask for more (its latency)
+        self._depth = max(1, getattr(self._reader, "read_ahead", 1))
+        self._ahead = ThreadPoolExecutor(max_workers=self._depth)
 
     def process(self, tile: int) -> Iterator[tuple[PatchKey, dict[str, np.ndarray]]]:
         blocks = self.tiling.patch_rows(tile)
-        pending = self._ahead.submit(self._reader.read_block, *blocks[0]) if blocks else None
-        for number in range(len(blocks)):
-            patches = pending.result()
-            if number + 1 < len(blocks):
-                pending = self._ahead.submit(self._reader.read_block, *blocks[number + 1])
+        for patches in read_ahead(self._ahead, self._reader, blocks, self._depth):
             for index, patch in patches:
                 self.patches_read.inc()
                 yield PatchKey(index, 0, index), patch

@@ -304,7 +304,7 @@ def _quicklook(
         config.outputs.quicklook_stretch,
     )
     bands = config.quicklook_bands()
-    if not bands:
+    if not bands or config.source.kind == "earthengine":  # no files to read the imagery from
         return style, None
     grid = tiling.grid
     size = (tiling.region_width, tiling.region_height)

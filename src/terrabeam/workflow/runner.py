@@ -178,7 +178,7 @@ class Runner:
     def _execute(self, state: RunState, record: RunRecord, beam_args: Sequence[str]) -> RunRecord:
         config = self.config
         window = (record.window_start, record.window_end) if record.window_start else None
-        workspace = Workspace(self.root, record.id, self.remote, window)
+        workspace = Workspace(self.root, record.id, self.remote, window, record.created)
         for leftover in workspace.remove_leftovers():
             log.info("removed %s, left by an interrupted step", leftover)
         workspace.claim(config.name, config.fingerprint(), same_config=True)

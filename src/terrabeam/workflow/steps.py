@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
+from datetime import date
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,20 @@ from terrabeam.predict.pipeline import (
     PredictPatches,
     RemoteIO,
     model_placement,
+    pipeline_flags,
     prediction_bands,
     read_export,
     run_predict,
 )
 from terrabeam.progress import published_progress
-from terrabeam.sources.raster import ReadRasterPatches, check_overlap, export_grid, export_rasters, open_band
+from terrabeam.sources.raster import (
+    ReadRasterPatches,
+    check_overlap,
+    export_grid,
+    export_patches,
+    export_rasters,
+    open_band,
+)
 from terrabeam.tiling import Tiling
 from terrabeam.workflow.maps import write_map
 from terrabeam.workspace import Workspace, disk_full_as_error
@@ -87,9 +96,19 @@ def release_free_memory() -> None:
 
 
 def export_step(config: PipelineConfig, workspace: Workspace) -> StepReport:
+    """The export's Earth Engine-layout files written here: from the rasters, or from an Earth
+    Engine source's computePixels answers (an export task is EarthEngineExportTask)."""
     start = time.perf_counter()
     with workspace.staging("export") as staging, gdal_env():
-        result = export_rasters(config, staging)
+        if config.source.kind == "earthengine":
+            from terrabeam.region import stated_grid
+            from terrabeam.sources.earthengine_pixels import pixels_reader
+
+            grid, region = stated_grid(config)  # read here: this process's share is all of it
+            reader = pixels_reader(config, grid, composite_dates(config, workspace), ())()
+            result = export_patches(config, staging, grid, region, reader)
+        else:
+            result = export_rasters(config, staging)
     return StepReport(
         "export",
         time.perf_counter() - start,
@@ -100,6 +119,13 @@ def export_step(config: PipelineConfig, workspace: Workspace) -> StepReport:
             "region_pixels": [result.manifest.region_width, result.manifest.region_height],
         },
     )
+
+
+def composite_dates(config: PipelineConfig, workspace: Workspace) -> tuple[date, date]:
+    """[start, end) of the images in an Earth Engine source's composite for this run."""
+    from terrabeam.sources.earthengine import composite_window, run_date
+
+    return composite_window(config.source, workspace.window, run_date(workspace.window, workspace.created))
 
 
 def predict_step(
@@ -224,7 +250,15 @@ def map_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[s
     between (the model was probed before). A STAC window without Items raises NoDataError."""
     kw, kh = config.grid.kernel_size
     open_reader, items = None, None
-    if config.source.kind == "stac":
+    if config.source.kind == "earthengine":  # fetched by computePixels (one_pipeline)
+        from terrabeam.region import stated_grid
+        from terrabeam.sources.earthengine_pixels import pixels_reader
+
+        grid, region = stated_grid(config)
+        dates = composite_dates(config, workspace)
+        open_reader = pixels_reader(config, grid, dates, pipeline_flags(config, beam_args))
+        inputs = f"computePixels of the composite {dates[0]}/{dates[1]}"
+    elif config.source.kind == "stac":
         from terrabeam.region import stated_grid
         from terrabeam.sources.stac import StacPatchReader, search_items
 
@@ -313,9 +347,13 @@ def deliver_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequen
 
 
 def one_pipeline(config: PipelineConfig) -> bool:
-    """A raster source with file outputs runs as one pipeline (the map step); an Earth Engine source
-    or sink keeps export → predict → deliver with the interchange files between."""
-    return config.source.kind in ("raster", "stac") and config.outputs.earthengine is None
+    """A raster, STAC or computePixels source with file outputs runs as one pipeline (the map
+    step); an Earth Engine export task or sink keeps export → predict → deliver with the
+    interchange files between."""
+    from terrabeam.sources.earthengine_pixels import uses_compute_pixels
+
+    fetched = config.source.kind in ("raster", "stac") or uses_compute_pixels(config)
+    return fetched and config.outputs.earthengine is None
 
 
 def run_steps(config: PipelineConfig) -> list[str]:
@@ -359,12 +397,20 @@ def check_run_grid(config: PipelineConfig, workspace: Workspace, step: str) -> N
 def validate_before_run(config: PipelineConfig, beam_args: Sequence[str] = ()) -> None:
     """Fail before any work if the model does not fit the configured bands and patch size, or its
     engine, device or precision is not available where it will run (this machine's checks only
-    when it runs here)."""
+    when it runs here), or a computePixels source cannot fit a patch in a request or share out its
+    request limits."""
     kw, kh = config.grid.kernel_size
     pw, ph = config.grid.patch_size
     threads, here = model_placement(config, beam_args)
     shape, margin = (ph + kh, pw + kw), (kw // 2, kh // 2)
     probe_model(config.model, config.locate(config.model.path), shape, margin, threads, here)
+    from terrabeam.sources.earthengine_pixels import request_spans, uses_compute_pixels, worker_processes
+
+    if uses_compute_pixels(config):  # a patch fits a request; the limits can be shared out
+        from terrabeam.region import stated_grid
+
+        request_spans(config, stated_grid(config)[0], 0, 1)
+        worker_processes(pipeline_flags(config, beam_args))
 
 
 def find_problems(config: PipelineConfig) -> list[str]:

@@ -17,6 +17,7 @@ from datetime import time as day_time
 from typing import Protocol
 
 from terrabeam.config import PipelineConfig
+from terrabeam.sources.earthengine_pixels import uses_compute_pixels
 from terrabeam.workflow import steps
 from terrabeam.workspace import Workspace
 
@@ -246,7 +247,7 @@ def task_for(
     context: RunContext,
 ) -> StepTask:
     """The task that runs step ``name`` of this config."""
-    if name == "export" and config.source.kind == "earthengine":
+    if name == "export" and config.source.kind == "earthengine" and not uses_compute_pixels(config):
         return EarthEngineExportTask(config, workspace, context)
     if name == "deliver" and config.outputs.earthengine is not None:
         return EarthEngineDeliverTask(config, workspace, context)
