@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import posixpath
 import socket
 import subprocess
 import sys
@@ -485,3 +486,37 @@ def test_service_account_from_config_is_impersonated_keylessly(tmp_path, service
     credentials = find_credentials(config)
     assert isinstance(credentials, impersonated_credentials.Credentials)
     assert credentials.service_account_email == sa
+
+
+def test_a_remote_run_leaves_the_export_on_cloud_storage(tmp_path, services, gcs, monkeypatch):
+    """Workspace on gs:// and the PortableRunner's workers (issue 16, no double transfer): the
+    export is copied into the workspace inside the store, its records counted by the workers; the
+    launching machine opens no export shard, the workers read them all."""
+    from test_object_storage import _portable_run
+    from test_portable_runner import _traced_env, _traced_opens
+
+    monkeypatch.setenv("TERRABEAM_CACHE", str(tmp_path / "cache"))
+    document = yaml.safe_load(_config(tmp_path, services, outputs={"quicklook": False}).read_text())
+    document["workspace"] = f"gs://{BUCKET}/ws"
+
+    def write(doc, name):
+        (tmp_path / name).write_text(yaml.safe_dump(doc))
+        return tmp_path / name
+
+    env = _traced_env(tmp_path) | {"TRACE_ROOT": str(tmp_path / "cache")}
+    worker_pool = _portable_run(tmp_path, write, document, env, ["run", "--run", "r1", "--window", WINDOW])
+
+    exported = sorted(b.name for b in gcs.list_blobs(prefix="staging/ee-landcover/r1/export/ee-0"))
+    names = [posixpath.basename(n) for n in exported]
+    assert names == [f"ee-{i:05d}.tfrecord.gz" for i in range(3)]
+    for name in names:  # copied inside the bucket, byte for byte
+        there = gcs.blob(f"ws/r1/export/{name}").download_as_bytes()
+        assert there == gcs.blob(f"staging/ee-landcover/r1/export/{name}").download_as_bytes()
+    manifest = json.loads(gcs.blob("ws/r1/export/ee-manifest.json").download_as_bytes())
+    assert manifest["shard_records"] == [5, 4, 3]  # counted by the workers
+    opens = _traced_opens(tmp_path)
+    launcher = [o.path.name for o in opens if o.parent != worker_pool]
+    assert launcher and not [n for n in launcher if n in names]
+    by_workers = {o.path.name for o in opens if o.parent == worker_pool and "r" in o.mode}
+    assert set(names) <= by_workers
+    assert gcs.blob("ws/r1/deliver/ee-landcover-classes.tif").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import calendar
 import posixpath
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -177,17 +178,48 @@ def start_export(
 def download_export(config: PipelineConfig, run_id: str, out_dir: Path) -> tuple[Grid, ExportManifest]:
     """Copy the finished export from Cloud Storage into ``out_dir``, check its mixer against the grid,
     and write terrabeam's manifest beside it."""
+    folder, wanted = _export_files(config, run_id)
+    for path in wanted:
+        copy_file(path, str(out_dir / posixpath.basename(path)))
+    files = find_export(out_dir, config.export.prefix)
+    exported = _check_mixer(config, folder, files.mixer)
+    manifest = _write_manifest(config, out_dir, files.prefix, [count_records(s) for s in files.shards])
+    return exported, manifest
+
+
+def reference_export(
+    config: PipelineConfig, run_id: str, out_dir: Path, count: Callable[[list[str]], list[int]]
+) -> tuple[Grid, ExportManifest, dict[str, str]]:
+    """The finished export's metadata into ``out_dir`` (its mixer, checked, and terrabeam's
+    manifest) while its shards stay on Cloud Storage: returns (grid, manifest, {shard name: URI}).
+    ``count`` gives each shard's records (read by the runner's workers, not here)."""
+    folder, wanted = _export_files(config, run_id)
+    for path in wanted:
+        if path.endswith(".json"):
+            copy_file(path, str(out_dir / posixpath.basename(path)))
+    names = [posixpath.basename(path) for path in wanted]
+    files = find_export(out_dir, config.export.prefix, names=names)
+    exported = _check_mixer(config, folder, files.mixer)
+    shards = {shard.name: join(folder, shard.name) for shard in files.shards}
+    manifest = _write_manifest(config, out_dir, files.prefix, count(list(shards.values())))
+    return exported, manifest, shards
+
+
+def _export_files(config: PipelineConfig, run_id: str) -> tuple[str, list[str]]:
+    """(the export folder, its shard and JSON files) of a finished export."""
     prefix = config.export.prefix
     folder = export_folder(config, run_id)
     found = [path for path, _ in list_files(join(folder, f"{prefix}*"))]
     wanted = [p for p in found if p.endswith((".tfrecord", ".tfrecord.gz", ".json"))]
     if not any(p.endswith(".json") for p in wanted):
         raise InputError(f"{folder}: the Earth Engine export has no mixer ({prefix}*.json)")
-    for path in wanted:
-        copy_file(path, str(out_dir / posixpath.basename(path)))
-    files = find_export(out_dir, prefix)
-    grid, region = export_grid(config)
-    exported = Grid.read_mixer(files.mixer)
+    return folder, wanted
+
+
+def _check_mixer(config: PipelineConfig, folder: str, mixer: Path) -> Grid:
+    """The exported grid, after checking it is terrabeam's grid for the config."""
+    grid, _ = export_grid(config)
+    exported = Grid.read_mixer(mixer)
     if (exported.patches_per_row, exported.total_patches, exported.patch_width, exported.patch_height) != (
         grid.patches_per_row,
         grid.total_patches,
@@ -195,18 +227,22 @@ def download_export(config: PipelineConfig, run_id: str, out_dir: Path) -> tuple
         grid.patch_height,
     ):
         raise GridMismatchError(
-            f"{join(folder, files.mixer.name)}: Earth Engine exported {exported.total_patches} "
+            f"{join(folder, mixer.name)}: Earth Engine exported {exported.total_patches} "
             f"patches of {exported.patch_width}×{exported.patch_height}, {exported.patches_per_row} per "
             f"row; terrabeam's grid has {grid.total_patches} of {grid.patch_width}×{grid.patch_height}, "
             f"{grid.patches_per_row} per row"
         )
-    shards = files.shards
+    return exported
+
+
+def _write_manifest(config: PipelineConfig, out_dir: Path, prefix: str, counts: list[int]) -> ExportManifest:
+    _, region = export_grid(config)
     manifest = ExportManifest(
         kernel_size=list(config.grid.kernel_size),
         region_width=region.width,
         region_height=region.height,
         bands=config.source.band_names,
-        shard_records=[count_records(s) for s in shards],
+        shard_records=counts,
     )
-    manifest.write(manifest_path(out_dir, files.prefix))
-    return exported, manifest
+    manifest.write(manifest_path(out_dir, prefix))
+    return manifest

@@ -9,14 +9,19 @@ instead of starting another, unless it failed or was cancelled.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from datetime import time as day_time
+from pathlib import Path
 from typing import Protocol
 
 from terrabeam.config import PipelineConfig
+from terrabeam.grid import Grid
+from terrabeam.layout import ExportManifest
 from terrabeam.sources.earthengine_pixels import uses_compute_pixels
 from terrabeam.workflow import steps
 from terrabeam.workspace import Workspace
@@ -91,10 +96,15 @@ def _adoptable(config: PipelineConfig, external_id: str | None, what: str) -> st
 
 
 class EarthEngineExportTask:
-    """Export from Earth Engine to Cloud Storage, then copy the patches into the run's export folder."""
+    """Export from Earth Engine to Cloud Storage, then into the run's export folder: downloaded, or,
+    where the workers are elsewhere and the workspace is on Cloud Storage too, copied there inside
+    the store with the shards' records counted by the workers (no shard passes through here)."""
 
-    def __init__(self, config: PipelineConfig, workspace: Workspace, context: RunContext) -> None:
+    def __init__(
+        self, config: PipelineConfig, workspace: Workspace, context: RunContext, beam_args: Sequence[str] = ()
+    ) -> None:
         self.config, self.workspace, self.context = config, workspace, context
+        self.beam_args = beam_args
         self.operation: str | None = None
         self.started = time.perf_counter()
 
@@ -121,8 +131,11 @@ class EarthEngineExportTask:
         if not state.done:
             return None
         raise_if_failed(state, "export")
-        with self.workspace.staging("export") as staging:
-            grid, manifest = download_export(self.config, self.context.run_id, staging)
+        if self._workers_elsewhere():
+            grid, manifest = self._publish_in_place()
+        else:
+            with self.workspace.staging("export") as staging:
+                grid, manifest = download_export(self.config, self.context.run_id, staging)
         return steps.StepReport(
             "export",
             time.perf_counter() - self.started,
@@ -134,6 +147,28 @@ class EarthEngineExportTask:
                 "earthengine_task": self.operation,
             },
         )
+
+    def _workers_elsewhere(self) -> bool:
+        remote = self.workspace.remote
+        return remote is not None and remote.startswith("gs://") and self.config.runner.kind != "local"
+
+    def _publish_in_place(self) -> tuple[Grid, ExportManifest]:
+        from terrabeam.predict.pipeline import pipeline_flags
+        from terrabeam.sources.earthengine import reference_export
+        from terrabeam.sources.shard_counts import count_on_workers
+
+        flags = pipeline_flags(self.config, self.beam_args)
+        self.workspace.run_dir.mkdir(parents=True, exist_ok=True)
+        # a ".staging-" folder: removed as a leftover if this process is killed meanwhile
+        folder = Path(tempfile.mkdtemp(prefix=".export.staging-", dir=self.workspace.run_dir))
+        try:
+            grid, manifest, shards = reference_export(
+                self.config, self.context.run_id, folder, lambda uris: count_on_workers(uris, flags)
+            )
+            self.workspace.publish_remote("export", shards, folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return grid, manifest
 
 
 class EarthEngineDeliverTask:
@@ -248,7 +283,7 @@ def task_for(
 ) -> StepTask:
     """The task that runs step ``name`` of this config."""
     if name == "export" and config.source.kind == "earthengine" and not uses_compute_pixels(config):
-        return EarthEngineExportTask(config, workspace, context)
+        return EarthEngineExportTask(config, workspace, context, beam_args)
     if name == "deliver" and config.outputs.earthengine is not None:
         return EarthEngineDeliverTask(config, workspace, context)
     function = steps.LOCAL_STEPS[name]
