@@ -490,8 +490,9 @@ def test_service_account_from_config_is_impersonated_keylessly(tmp_path, service
 
 def test_a_remote_run_leaves_the_export_on_cloud_storage(tmp_path, services, gcs, monkeypatch):
     """Workspace on gs:// and the PortableRunner's workers (issue 16, no double transfer): the
-    export is copied into the workspace inside the store, its records counted by the workers; the
-    launching machine opens no export shard, the workers read them all."""
+    export is copied into the workspace inside the store (a small export's records counted by one
+    read here, through a temporary copy outside the workspace); the launching machine writes no
+    export shard into its mirror of the workspace, the workers read them all."""
     from test_object_storage import _portable_run
     from test_portable_runner import _traced_env, _traced_opens
 
@@ -513,10 +514,35 @@ def test_a_remote_run_leaves_the_export_on_cloud_storage(tmp_path, services, gcs
         there = gcs.blob(f"ws/r1/export/{name}").download_as_bytes()
         assert there == gcs.blob(f"staging/ee-landcover/r1/export/{name}").download_as_bytes()
     manifest = json.loads(gcs.blob("ws/r1/export/ee-manifest.json").download_as_bytes())
-    assert manifest["shard_records"] == [5, 4, 3]  # counted by the workers
+    assert manifest["shard_records"] == [5, 4, 3]
     opens = _traced_opens(tmp_path)
     launcher = [o.path.name for o in opens if o.parent != worker_pool]
     assert launcher and not [n for n in launcher if n in names]
     by_workers = {o.path.name for o in opens if o.parent == worker_pool and "r" in o.mode}
     assert set(names) <= by_workers
     assert gcs.blob("ws/r1/deliver/ee-landcover-classes.tif").exists()
+
+
+def test_shard_records_are_counted_by_the_workers_above_the_size_limit(tmp_path, services, gcs):
+    """A large export is counted by a Beam pipeline (here the in-process runner) reading the shards
+    from Cloud Storage; below the limit this machine reads them. Both give the export's counts."""
+    from terrabeam.sources import shard_counts
+    from terrabeam.sources.earthengine import export_folder, reference_export, start_export
+
+    config = load_config(_config(tmp_path, services))
+    start_export(config, "r1", tuple(WINDOW.split("/")), None)  # the playback writes the export
+    for limit in (0, 10**9):  # over the limit: the workers; under it: here
+        out = tmp_path / f"meta-{limit}"
+        out.mkdir()
+
+        def count(shards, limit=limit):
+            return shard_counts.count_shards(shards, ["--runner=FnApiRunner"], limit)
+
+        _, manifest, shards = reference_export(config, "r1", out, count)
+        assert manifest.shard_records == [5, 4, 3]
+        assert sorted(p.name for p in out.iterdir()) == ["ee-manifest.json", "ee-mixer.json"]
+        folder = export_folder(config, "r1")
+        assert list(shards.values()) == [f"{folder}/ee-{i:05d}.tfrecord.gz" for i in range(3)]
+    missing = f"{folder}/ee-00009.tfrecord.gz"
+    with pytest.raises(Exception, match="ee-00009.tfrecord.gz: not found"):  # named, from the worker
+        shard_counts.count_on_workers([*shards.values(), missing], [])

@@ -17,6 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from terrabeam import storage
 from terrabeam.config import EarthEngineSource, PipelineConfig, TimeWindow
 from terrabeam.earthengine import EarthEngineError, connect, request_id
 from terrabeam.errors import ConfigError, GridMismatchError, InputError
@@ -24,7 +25,7 @@ from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, find_export, manifest_path
 from terrabeam.region import region_geometry
 from terrabeam.region import stated_grid as export_grid
-from terrabeam.storage import copy_file, join, list_files
+from terrabeam.storage import join, list_files
 from terrabeam.tfrecord import count_records
 
 # Bits of Landsat Collection 2 QA_PIXEL: 0 fill, 1 dilated cloud, 2 cirrus, 3 cloud, 4 cloud shadow.
@@ -180,7 +181,7 @@ def download_export(config: PipelineConfig, run_id: str, out_dir: Path) -> tuple
     and write terrabeam's manifest beside it."""
     folder, wanted = _export_files(config, run_id)
     for path in wanted:
-        copy_file(path, str(out_dir / posixpath.basename(path)))
+        storage.copy_file(path, str(out_dir / posixpath.basename(path)))
     files = find_export(out_dir, config.export.prefix)
     exported = _check_mixer(config, folder, files.mixer)
     manifest = _write_manifest(config, out_dir, files.prefix, [count_records(s) for s in files.shards])
@@ -188,29 +189,30 @@ def download_export(config: PipelineConfig, run_id: str, out_dir: Path) -> tuple
 
 
 def reference_export(
-    config: PipelineConfig, run_id: str, out_dir: Path, count: Callable[[list[str]], list[int]]
+    config: PipelineConfig, run_id: str, out_dir: Path, count: Callable[[dict[str, int]], list[int]]
 ) -> tuple[Grid, ExportManifest, dict[str, str]]:
     """The finished export's metadata into ``out_dir`` (its mixer, checked, and terrabeam's
     manifest) while its shards stay on Cloud Storage: returns (grid, manifest, {shard name: URI}).
-    ``count`` gives each shard's records (read by the runner's workers, not here)."""
+    ``count`` gives the records of each shard ({URI: size} in export order)."""
     folder, wanted = _export_files(config, run_id)
     for path in wanted:
         if path.endswith(".json"):
-            copy_file(path, str(out_dir / posixpath.basename(path)))
+            storage.copy_file(path, str(out_dir / posixpath.basename(path)))
     names = [posixpath.basename(path) for path in wanted]
     files = find_export(out_dir, config.export.prefix, names=names)
     exported = _check_mixer(config, folder, files.mixer)
     shards = {shard.name: join(folder, shard.name) for shard in files.shards}
-    manifest = _write_manifest(config, out_dir, files.prefix, count(list(shards.values())))
+    counts = count({uri: wanted[uri] for uri in shards.values()})
+    manifest = _write_manifest(config, out_dir, files.prefix, counts)
     return exported, manifest, shards
 
 
-def _export_files(config: PipelineConfig, run_id: str) -> tuple[str, list[str]]:
-    """(the export folder, its shard and JSON files) of a finished export."""
+def _export_files(config: PipelineConfig, run_id: str) -> tuple[str, dict[str, int]]:
+    """(the export folder, its shard and JSON files with their sizes) of a finished export."""
     prefix = config.export.prefix
     folder = export_folder(config, run_id)
-    found = [path for path, _ in list_files(join(folder, f"{prefix}*"))]
-    wanted = [p for p in found if p.endswith((".tfrecord", ".tfrecord.gz", ".json"))]
+    found = list_files(join(folder, f"{prefix}*"))
+    wanted = {p: size for p, size in found if p.endswith((".tfrecord", ".tfrecord.gz", ".json"))}
     if not any(p.endswith(".json") for p in wanted):
         raise InputError(f"{folder}: the Earth Engine export has no mixer ({prefix}*.json)")
     return folder, wanted

@@ -98,7 +98,7 @@ def _adoptable(config: PipelineConfig, external_id: str | None, what: str) -> st
 class EarthEngineExportTask:
     """Export from Earth Engine to Cloud Storage, then into the run's export folder: downloaded, or,
     where the workers are elsewhere and the workspace is on Cloud Storage too, copied there inside
-    the store with the shards' records counted by the workers (no shard passes through here)."""
+    the store, its shards' records counted here (a small export, read once) or by the workers."""
 
     def __init__(
         self, config: PipelineConfig, workspace: Workspace, context: RunContext, beam_args: Sequence[str] = ()
@@ -155,7 +155,7 @@ class EarthEngineExportTask:
     def _publish_in_place(self) -> tuple[Grid, ExportManifest]:
         from terrabeam.predict.pipeline import pipeline_flags
         from terrabeam.sources.earthengine import reference_export
-        from terrabeam.sources.shard_counts import count_on_workers
+        from terrabeam.sources.shard_counts import count_shards
 
         flags = pipeline_flags(self.config, self.beam_args)
         self.workspace.run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +163,7 @@ class EarthEngineExportTask:
         folder = Path(tempfile.mkdtemp(prefix=".export.staging-", dir=self.workspace.run_dir))
         try:
             grid, manifest, shards = reference_export(
-                self.config, self.context.run_id, folder, lambda uris: count_on_workers(uris, flags)
+                self.config, self.context.run_id, folder, lambda shards: count_shards(shards, flags)
             )
             self.workspace.publish_remote("export", shards, folder)
         finally:
