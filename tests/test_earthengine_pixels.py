@@ -8,6 +8,8 @@ same for its exports and its computePixels answers); nothing here reached Google
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from datetime import date
@@ -245,3 +247,72 @@ def test_plan_counts_the_requests_and_says_one_pipeline(tmp_path, services, caps
     assert not services.calls("POST", "/image:computePixels")  # planning fetches nothing
     assert main(["plan", str(config_path)]) == 0
     assert "12 Earth Engine computePixels requests" in capsys.readouterr().out
+
+
+CONNECT_HOOK = """
+
+def _connects(event, args, log=os.environ["TRACE_DIR"], port=os.environ["TRACE_PORT"]):
+    if event == "socket.connect" and isinstance(args[1], tuple) and str(args[1][1]) == port:
+        import traceback
+
+        callers = {frame.name for frame in traceback.extract_stack()}
+        why = "credentials-check" if "check_access" in callers else "request"
+        with open(os.path.join(log, str(os.getpid())), "a") as out:
+            out.write(f"{os.getppid()} connect {why}\\n")
+
+sys.addaudithook(_connects)
+"""
+
+
+@pytest.mark.integration
+def test_the_workers_request_the_pixels_on_the_portable_runner(tmp_path, services):
+    """`terrabeam run` on Beam's PortableRunner (job service + external worker pool on 127.0.0.1):
+    the pool's SDK workers connect to Earth Engine (the playback) and publish the map tiles; the
+    launcher never connects to it; the maps equal the in-process run's."""
+    from conftest import assert_same_map
+    from test_portable_runner import _traced_env, _traced_opens, beam_service
+
+    config_path = _pixels_config(tmp_path, services, max_request_bytes=TWO_PATCHES - 1)
+    assert main(["run", str(config_path), "--run", "local", "--window", WINDOW]) == 0
+    env = _traced_env(tmp_path) | {"TRACE_PORT": str(services.server.server_port)}
+    with (tmp_path / "trace-hook" / "sitecustomize.py").open("a") as hook:
+        hook.write(CONNECT_HOOK)
+    document = yaml.safe_load(config_path.read_text())
+    with (
+        beam_service("job-service", tmp_path, env) as (_, job_port),
+        beam_service("worker-pool", tmp_path, env) as (worker_pool, pool_port),
+    ):
+        document["runner"] = {
+            "kind": "portable",
+            "job_endpoint": f"127.0.0.1:{job_port}",
+            "environment_type": "EXTERNAL",
+            "environment_config": f"127.0.0.1:{pool_port}",
+        }
+        (tmp_path / "portable.yaml").write_text(yaml.safe_dump(document))
+        done = subprocess.run(
+            [sys.executable, "-m", "terrabeam", "run", str(tmp_path / "portable.yaml"), "--run", "r"]
+            + ["--window", WINDOW],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert len(services.calls("POST", "/image:computePixels")) == 24  # 12 each run
+    opens = _traced_opens(tmp_path)
+    connects = [o for o in opens if o.mode == "connect"]
+    by_workers = [o for o in connects if o.parent == worker_pool]
+    assert by_workers and {o.path.name for o in by_workers} == {"request"}, (
+        "pixels not requested by the workers"
+    )
+    # the launcher only checks the credentials before the run (a token request), nothing else
+    assert {o.path.name for o in connects if o.parent != worker_pool} == {"credentials-check"}
+    tiles = [
+        o for o in opens if o.mode == "rename" and o.path.parent.name == "tiles" and o.path.suffix == ".tif"
+    ]
+    assert tiles and {o.parent for o in tiles} == {worker_pool}
+    local, deliver = tmp_path / "ws" / "local" / "deliver", tmp_path / "ws" / "r" / "deliver"
+    names = sorted(p.name for p in local.glob("*.tif"))
+    assert names and sorted(p.name for p in deliver.glob("*.tif")) == names
+    for name in names:
+        assert_same_map(deliver / name, local / name)
