@@ -249,6 +249,43 @@ def test_plan_counts_the_requests_and_says_one_pipeline(tmp_path, services, caps
     assert "12 Earth Engine computePixels requests" in capsys.readouterr().out
 
 
+def test_backoff_retries_lost_connections_and_gives_up_naming_the_block():
+    """Synthetic failures, no network: a dropped connection is retried with jittered, growing
+    pauses; a request failing every time ends in a transient error naming the block."""
+    from terrabeam.errors import TransientError
+    from terrabeam.sources.earthengine_pixels import MAX_ATTEMPTS, with_backoff
+
+    now, pauses = [0.0], []
+
+    def sleep(seconds):  # a clock that moves when slept on
+        pauses.append(seconds)
+        now[0] += seconds
+
+    gate = RequestGate(per_second=1e9, concurrent=1, sleep=sleep, clock=lambda: now[0])
+    answers = iter([ConnectionResetError("reset"), TimeoutError("timed out"), b"pixels"])
+
+    def request():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert with_backoff(request, gate, "row 3") == b"pixels"
+    pauses = [p for p in pauses if p > 1e-6]  # not the rate's nanosecond spacing
+    assert len(pauses) == 2 and 0 < pauses[0] <= 1.0 and 0 < pauses[1] <= 2.0
+
+    def always_down():
+        raise ConnectionRefusedError("refused")
+
+    before = now[0]
+    with pytest.raises(
+        TransientError, match="computePixels for row 3: ConnectionRefusedError: refused after"
+    ):
+        with_backoff(always_down, gate, "row 3")
+    # MAX_ATTEMPTS tries, the pauses between them on the fake clock: at most 1 + 2 + … + 60 s
+    assert 0 < now[0] - before <= sum(min(60, 2**n) for n in range(MAX_ATTEMPTS - 1))
+
+
 CONNECT_HOOK = """
 
 def _connects(event, args, log=os.environ["TRACE_DIR"], port=os.environ["TRACE_PORT"]):

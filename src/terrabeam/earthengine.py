@@ -11,6 +11,7 @@ logs or shows a key: errors name where credentials were looked for, never their 
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -76,13 +77,21 @@ def find_credentials(config: EarthEngineConfig) -> Any:
 
 
 _connected: tuple[str, str | None] | None = None
+_connecting = threading.Lock()  # a worker's threads may connect at once
 
 
 def connect(config: EarthEngineConfig) -> Any:
     """Initialise the Earth Engine client for ``config.project`` once per process; returns ``ee``."""
-    global _connected
     ee = require_earthengine_api()
     key = (config.project, config.api_url)
+    if _connected == key:
+        return ee
+    with _connecting:
+        return _initialize(ee, config, key)
+
+
+def _initialize(ee: Any, config: EarthEngineConfig, key: tuple[str, str | None]) -> Any:
+    global _connected
     if _connected == key:
         return ee
     credentials = find_credentials(config)

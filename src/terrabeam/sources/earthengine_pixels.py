@@ -132,27 +132,34 @@ class RequestGate:
     """This process's share of the request limits: request starts spaced ``1 / per_second`` apart,
     at most ``concurrent`` in flight; ``hold_off`` delays every later start (after a 429)."""
 
-    def __init__(self, per_second: float, concurrent: int) -> None:
+    def __init__(
+        self,
+        per_second: float,
+        concurrent: int,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         # 2 % apart more: the quota is counted where requests arrive, after the network's jitter
         self.interval = 1.02 / per_second
         self._slots = threading.BoundedSemaphore(concurrent)
         self._lock = threading.Lock()
         self._next = 0.0
+        self._sleep, self._clock = sleep, clock
 
     @contextmanager
     def slot(self) -> Iterator[None]:
         with self._slots:
             with self._lock:
-                now = time.monotonic()
+                now = self._clock()
                 start = max(now, self._next)
                 self._next = start + self.interval
             if start > now:
-                time.sleep(start - now)
+                self._sleep(start - now)
             yield
 
     def hold_off(self, seconds: float) -> None:
         with self._lock:
-            self._next = max(self._next, time.monotonic() + seconds)
+            self._next = max(self._next, self._clock() + seconds)
 
 
 _gates: dict[tuple[float, int], RequestGate] = {}
@@ -179,15 +186,12 @@ class FetchLimits:
 
 
 def with_backoff(
-    request: Callable[[], bytes],
-    gate: RequestGate,
-    what: str,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: random.Random | None = None,
+    request: Callable[[], bytes], gate: RequestGate, what: str, rng: random.Random | None = None
 ) -> bytes:
-    """``request()`` through ``gate``; retried on 429 / 5xx after the answer's Retry-After, else an
-    exponential backoff with full jitter (the whole process holds off meanwhile); other refusals
-    and the last retry's raise with ``what`` named."""
+    """``request()`` through ``gate``; retried on 429 / 5xx answers and lost connections after the
+    answer's Retry-After, else an exponential backoff with full jitter, during which the gate holds
+    every request of the process back; other refusals and the last retry's raise with ``what``
+    named."""
     from terrabeam.earthengine import EarthEngineError, Refusal
 
     rng = rng or random.Random()
@@ -198,16 +202,17 @@ def with_backoff(
         except Refusal as refusal:
             if refusal.status not in RETRIED_STATUSES:
                 raise EarthEngineError(f"Earth Engine refused computePixels for {what}: {refusal}") from None
-            if attempt == MAX_ATTEMPTS - 1:
-                raise TransientError(
-                    f"Earth Engine computePixels for {what}: {refusal} after {MAX_ATTEMPTS} attempts"
-                ) from None
-            delay = refusal.retry_after
-            if delay is None:
-                delay = rng.uniform(0, min(MAX_BACKOFF, FIRST_BACKOFF * 2**attempt))
-            log.info("computePixels for %s: %s; retrying in %.1f s", what, refusal, delay)
-            gate.hold_off(delay)
-            sleep(delay)
+            problem, delay = str(refusal), refusal.retry_after
+        except (OSError, TimeoutError) as exc:  # the connection, not the answer: worth another try
+            problem, delay = f"{type(exc).__name__}: {exc}", None
+        if attempt == MAX_ATTEMPTS - 1:
+            raise TransientError(
+                f"Earth Engine computePixels for {what}: {problem} after {MAX_ATTEMPTS} attempts"
+            ) from None
+        if delay is None:
+            delay = rng.uniform(0, min(MAX_BACKOFF, FIRST_BACKOFF * 2**attempt))
+        log.info("computePixels for %s: %s; retrying in %.1f s", what, problem, delay)
+        gate.hold_off(delay)  # the retry waits in gate.slot(), and so does every other request
     raise AssertionError("unreachable")
 
 
