@@ -667,6 +667,37 @@ def test_an_earth_engine_deployment_keeps_export_and_deliver_on_cloud_run(render
     assert "acme-runs/terrabeam/tiny/.deploy/tiny-predict.json" in text  # the template's spec
 
 
+def test_a_compute_pixels_deployment_is_the_map_step_on_dataflow(tiny_pipeline, tmp_path):
+    """An Earth Engine source fetched by computePixels with file outputs is one pipeline: the map
+    step on Dataflow (its workers request the pixels), no Cloud Run; Earth Engine's roles; and the
+    workers' share of the request limits needs runner.max_workers."""
+    document, write = tiny_pipeline
+    doc = cloud_document(document)
+    doc["earthengine"] = {"project": PROJECT, "staging": "gs://acme-runs/ee-staging"}
+    doc["source"] = {
+        "kind": "earthengine",
+        "collection": "COPERNICUS/S2_SR_HARMONIZED",
+        "window": {"months_before": 1},
+        "bands": {name: {"band": f"B{i}"} for i, name in enumerate(document["source"]["bands"], 2)},
+        "fetch": "compute_pixels",
+    }
+    doc["grid"] |= {
+        "crs": "EPSG:32633",
+        "resolution": 10,
+        "region": {"bbox": [400000, 5600000, 400700, 5600500]},
+    }
+    config = write(doc, "cloud-pixels.yaml")
+    target = gcp_target.GcpTarget.from_config(load_config(config))
+    assert (target.steps, target.template_step, target.service_steps) == (("map",), "map", ())
+    out = tmp_path / "gcp-pixels"
+    render_gcp(load_config(config), out)
+    text = (out / "deploy.sh").read_text()
+    assert "gcloud run" not in text and "earthengine.googleapis.com" in text
+    doc["runner"].pop("max_workers")
+    with pytest.raises(ConfigError, match="runner.max_workers"):
+        gcp_target.GcpTarget.from_config(load_config(write(doc, "cloud-pixels-2.yaml")))
+
+
 def test_every_cloud_value_comes_from_the_config(tiny_pipeline, tmp_path):
     """Two configs that differ only in the project render scripts that differ only in the project."""
     document, write = tiny_pipeline

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from terrabeam.config import PipelineConfig
 from terrabeam.deploy.flex_main import template_step
 from terrabeam.errors import ConfigError
+from terrabeam.sources.earthengine_pixels import uses_compute_pixels
 from terrabeam.workflow.steps import run_steps
 
 # schedule.cron is UTC for `terrabeam schedule`; Cloud Scheduler keeps the same meaning.
@@ -88,6 +89,8 @@ class GcpTarget:
             value = getattr(runner, field)
             if value is not None and not value.startswith("gs://"):
                 problems.append(f"runner.{field} as a gs:// folder (now {value!r})")
+        if runner.max_workers is None and uses_compute_pixels(config):
+            problems.append("runner.max_workers (the workers share the computePixels request limits)")
         if config.source.kind == "raster":
             for band, spec in config.source.bands.items():
                 if not _REMOTE_PATH.match(spec.path):
