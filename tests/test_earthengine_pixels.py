@@ -191,6 +191,10 @@ def test_auto_fetch_takes_compute_pixels_for_small_grids(tmp_path, services, mon
     assert uses_compute_pixels(config)  # 3 requests
     monkeypatch.setattr(earthengine_pixels, "AUTO_MAX_REQUESTS", 2)
     assert not uses_compute_pixels(config)
+    monkeypatch.setattr(earthengine_pixels, "AUTO_MAX_REQUESTS", 1000)
+    document["earthengine"]["max_request_bytes"] = ONE_PATCH - 1  # no patch fits in a request
+    assert not uses_compute_pixels(parse_config(document, tmp_path))
+    document["earthengine"].pop("max_request_bytes")
     document["source"]["fetch"] = "export"
     assert not uses_compute_pixels(parse_config(document, tmp_path))
 

@@ -45,9 +45,10 @@ FIRST_BACKOFF, MAX_BACKOFF = 1.0, 60.0
 READ_AHEAD_BLOCKS = 4
 
 
-def uses_compute_pixels(config: PipelineConfig, tile_size: int | None = None) -> bool:
+def uses_compute_pixels(config: PipelineConfig) -> bool:
     """Whether an Earth Engine source fetches by computePixels: as configured, or with ``auto``
-    when the grid needs at most AUTO_MAX_REQUESTS requests (an export task queues for minutes)."""
+    when the grid needs at most AUTO_MAX_REQUESTS requests (an export task queues for minutes) and
+    a patch fits in one."""
     source = config.source
     if source.kind != "earthengine" or source.fetch == "export":
         return False
@@ -56,8 +57,12 @@ def uses_compute_pixels(config: PipelineConfig, tile_size: int | None = None) ->
     from terrabeam.region import stated_grid
 
     grid, region = stated_grid(config)
-    tiling = Tiling.for_grid(grid, region.width, region.height, tile_size or config.outputs.tile_size)
-    return count_requests(config, grid, tile_blocks(tiling), AUTO_MAX_REQUESTS + 1) <= AUTO_MAX_REQUESTS
+    tiling = Tiling.for_grid(grid, region.width, region.height, config.outputs.tile_size)
+    try:
+        needed = count_requests(config, grid, tile_blocks(tiling), AUTO_MAX_REQUESTS + 1)
+    except ConfigError:  # a patch larger than a request: only an export can fetch it
+        return False
+    return needed <= AUTO_MAX_REQUESTS
 
 
 def tile_blocks(tiling: Tiling) -> Iterator[tuple[int, int, int]]:
