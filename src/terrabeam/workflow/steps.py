@@ -47,6 +47,13 @@ from terrabeam.predict.pipeline import (
     run_predict,
 )
 from terrabeam.progress import published_progress
+from terrabeam.region import stated_grid
+from terrabeam.sources.earthengine_pixels import (
+    pixels_reader,
+    request_spans,
+    uses_compute_pixels,
+    worker_processes,
+)
 from terrabeam.sources.raster import (
     ReadRasterPatches,
     check_overlap,
@@ -101,9 +108,6 @@ def export_step(config: PipelineConfig, workspace: Workspace) -> StepReport:
     start = time.perf_counter()
     with workspace.staging("export") as staging, gdal_env():
         if config.source.kind == "earthengine":
-            from terrabeam.region import stated_grid
-            from terrabeam.sources.earthengine_pixels import pixels_reader
-
             grid, region = stated_grid(config)  # read here: this process's share is all of it
             reader = pixels_reader(config, grid, composite_dates(config, workspace), ())()
             result = export_patches(config, staging, grid, region, reader)
@@ -251,15 +255,11 @@ def map_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[s
     kw, kh = config.grid.kernel_size
     open_reader, items = None, None
     if config.source.kind == "earthengine":  # fetched by computePixels (one_pipeline)
-        from terrabeam.region import stated_grid
-        from terrabeam.sources.earthengine_pixels import pixels_reader
-
         grid, region = stated_grid(config)
         dates = composite_dates(config, workspace)
         open_reader = pixels_reader(config, grid, dates, pipeline_flags(config, beam_args))
         inputs = f"computePixels of the composite {dates[0]}/{dates[1]}"
     elif config.source.kind == "stac":
-        from terrabeam.region import stated_grid
         from terrabeam.sources.stac import StacPatchReader, search_items
 
         grid, region = stated_grid(config)
@@ -350,8 +350,6 @@ def one_pipeline(config: PipelineConfig) -> bool:
     """A raster, STAC or computePixels source with file outputs runs as one pipeline (the map
     step); an Earth Engine export task or sink keeps export → predict → deliver with the
     interchange files between."""
-    from terrabeam.sources.earthengine_pixels import uses_compute_pixels
-
     fetched = config.source.kind in ("raster", "stac") or uses_compute_pixels(config)
     return fetched and config.outputs.earthengine is None
 
@@ -404,11 +402,7 @@ def validate_before_run(config: PipelineConfig, beam_args: Sequence[str] = ()) -
     threads, here = model_placement(config, beam_args)
     shape, margin = (ph + kh, pw + kw), (kw // 2, kh // 2)
     probe_model(config.model, config.locate(config.model.path), shape, margin, threads, here)
-    from terrabeam.sources.earthengine_pixels import request_spans, uses_compute_pixels, worker_processes
-
     if uses_compute_pixels(config):  # a patch fits a request; the limits can be shared out
-        from terrabeam.region import stated_grid
-
         request_spans(config, stated_grid(config)[0], 0, 1)
         worker_processes(pipeline_flags(config, beam_args))
 
@@ -419,14 +413,8 @@ def find_problems(config: PipelineConfig) -> list[str]:
     One line per problem, naming its field or file."""
     if config.source.kind == "raster":
         problems = _raster_problems(config)
-    elif config.source.kind == "stac":
-        from terrabeam.region import stated_grid
-
+    else:  # STAC and Earth Engine sources: the grid the config states
         problems = _problems(stated_grid, config)
-    else:
-        from terrabeam.sources.earthengine import export_grid as earthengine_grid
-
-        problems = _problems(earthengine_grid, config)
     return problems + _problems(validate_before_run, config) + _problems(check_access, config)
 
 
