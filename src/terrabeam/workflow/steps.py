@@ -411,10 +411,8 @@ def find_problems(config: PipelineConfig) -> list[str]:
     """Everything ``run`` would reject, found without doing any work: every source band opened
     (metadata only), the grid resolved, the model probed, Earth Engine credentials found if needed.
     One line per problem, naming its field or file."""
-    if config.source.kind == "raster":
-        problems = _raster_problems(config)
-    else:  # STAC and Earth Engine sources: the grid the config states
-        problems = _problems(stated_grid, config)
+    # a raster source's grid comes from its files; STAC and Earth Engine sources state theirs
+    problems = _raster_problems(config) if config.source.kind == "raster" else _problems(stated_grid, config)
     return problems + _problems(validate_before_run, config) + _problems(check_access, config)
 
 
