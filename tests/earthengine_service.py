@@ -103,6 +103,7 @@ class EarthEnginePlayback:
     failure_message: str = "Export too large: specified 1e9 pixels (max: 1e8)."
     on_export: Callable[[dict[str, Any]], None] | None = None
     compute_seconds: float = 0.0  # how long each computePixels answer takes
+    compute_pixels_limit: int = COMPUTE_PIXELS_LIMIT  # bytes of values an answer may hold
     compute_refusals: list[tuple[int, str | None]] = field(default_factory=list)  # (status, Retry-After)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -245,8 +246,8 @@ class EarthEnginePlayback:
             grid, bands = body["grid"], body["bandIds"]
             width, height = grid["dimensions"]["width"], grid["dimensions"]["height"]
             size = width * height * len(bands) * 4
-            if size > COMPUTE_PIXELS_LIMIT:
-                limit = COMPUTE_PIXELS_LIMIT
+            if size > self.compute_pixels_limit:
+                limit = self.compute_pixels_limit
                 message = f"Total request size ({size} bytes) must be less than or equal to {limit} bytes."
                 return 400, _error(400, message, "INVALID_ARGUMENT")
             t = grid["affineTransform"]

@@ -22,6 +22,7 @@ from test_earthengine import KH, KW, PROJECT, WINDOW, H, W, _config, gcs, grid_p
 
 from terrabeam.cli import main
 from terrabeam.config import load_config, parse_config
+from terrabeam.earthengine import EarthEngineError
 from terrabeam.errors import ConfigError
 from terrabeam.layout import list_shards
 from terrabeam.region import stated_grid
@@ -126,6 +127,31 @@ def test_patches_equal_the_export_tasks_patches_for_the_same_grid(tmp_path, serv
                 np.testing.assert_array_equal(got, expected[index])
     widths = [r.body["grid"]["dimensions"]["width"] for r in services.calls("POST", "/image:computePixels")]
     assert widths == [2 * W + KW] * 6  # 4 patches a row, 2 per request under 3 patches' bytes
+
+
+def test_a_request_earth_engine_finds_too_large_is_asked_again_in_halves(tmp_path, services):
+    """Earth Engine's own size accounting wins over terrabeam's estimate: refused with "Total
+    request size …" (400), a request is split in halves until its parts fit, later requests stay
+    at the size that fit, and the patches are the export's all the same."""
+    services.compute_pixels_limit = 2 * (W + KW) * (H + KH) * 3 * 4  # two patches' values, no margin
+    config = load_config(_pixels_config(tmp_path, services))
+    grid, _ = stated_grid(config)
+    reader = pixels_reader(config, grid, (date(2024, 2, 1), date(2025, 2, 1)), [])()
+    expected = grid_patches(W, H, KW, KH)
+    with reader:
+        for row in range(3):
+            for index, bands in reader.read_block(row, 0, 4):
+                np.testing.assert_array_equal(
+                    np.stack([bands[b] for b in ("red", "nir", "ndvi")]), expected[index]
+                )
+    widths = [r.body["grid"]["dimensions"]["width"] for r in services.calls("POST", "/image:computePixels")]
+    four, two = 4 * W + KW, 2 * W + KW
+    # row 0: 4 patches refused, then 2 + 2; rows 1 and 2: two patches a request from the start
+    assert widths == [four, two, two] + [two] * 4
+    services.compute_pixels_limit = 100  # not even one patch
+    reader = pixels_reader(config, grid, (date(2024, 2, 1), date(2025, 2, 1)), [])()
+    with reader, pytest.raises(EarthEngineError, match="one patch is more than Earth Engine answers"):
+        reader.read_block(0, 0, 4)
 
 
 def test_429_and_503_are_retried_after_backing_off(tmp_path, services):

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from terrabeam.config import PipelineConfig, local_workers
+from terrabeam.earthengine import EarthEngineError
 from terrabeam.errors import ConfigError, TransientError
 from terrabeam.grid import Grid
 from terrabeam.sources.raster import block_patches
@@ -190,6 +191,10 @@ class FetchLimits:
         return cls(ee.max_requests_per_second / processes, max(1, ee.max_concurrent // processes))
 
 
+class RequestTooLarge(EarthEngineError):
+    """Earth Engine counted a request over its size limit: asked again in smaller parts."""
+
+
 def with_backoff(
     request: Callable[[], bytes], gate: RequestGate, what: str, rng: random.Random | None = None
 ) -> bytes:
@@ -197,7 +202,7 @@ def with_backoff(
     answer's Retry-After, else an exponential backoff with full jitter, during which the gate holds
     every request of the process back; other refusals and the last retry's raise with ``what``
     named."""
-    from terrabeam.earthengine import EarthEngineError, Refusal
+    from terrabeam.earthengine import Refusal
 
     rng = rng or random.Random()
     for attempt in range(MAX_ATTEMPTS):
@@ -205,6 +210,8 @@ def with_backoff(
             with gate.slot():
                 return request()
         except Refusal as refusal:
+            if refusal.status == 400 and "request size" in refusal.message.lower():
+                raise RequestTooLarge(f"Earth Engine refused computePixels for {what}: {refusal}") from None
             if refusal.status not in RETRIED_STATUSES:
                 raise EarthEngineError(f"Earth Engine refused computePixels for {what}: {refusal}") from None
             problem, delay = str(refusal), refusal.retry_after
@@ -278,6 +285,8 @@ class ComputePixelsPatchReader:
         # enough that memory stays a few blocks
         self.read_ahead = min(limits.concurrent, READ_AHEAD_BLOCKS)
         self._pool = ThreadPoolExecutor(max_workers=limits.concurrent)
+        self._most: int | None = None  # patches per request, once Earth Engine refused more
+        self._lock = threading.Lock()
 
     def fetch(self, row: int, first: int, last: int) -> dict[str, np.ndarray]:
         """{band: (ph + kh, n × pw + kw) float32} of one request."""
@@ -301,13 +310,33 @@ class ComputePixelsPatchReader:
             )
         return {band: answer[band].astype(np.float32) for band in self.bands}
 
+    def fetch_span(self, row: int, first: int, last: int) -> list[tuple[int, int, dict[str, np.ndarray]]]:
+        """[(first, last, bands)] of one request, or of its halves if Earth Engine finds it too large
+        (its size accounting is its own): later requests of this reader stay at the size that fit."""
+        try:
+            return [(first, last, self.fetch(row, first, last))]
+        except RequestTooLarge as exc:
+            if last - first == 1:
+                raise EarthEngineError(
+                    f"{exc}; one patch is more than Earth Engine answers: use a smaller grid.patch_size "
+                    "or source.fetch: export"
+                ) from None
+            middle = (first + last) // 2
+            with self._lock:
+                self._most = min(self._most or last - first, middle - first)
+            log.info("computePixels: %d patches too large for one request; asking in halves", last - first)
+            return self.fetch_span(row, first, middle) + self.fetch_span(row, middle, last)
+
     def read_block(self, row: int, first: int, last: int) -> list[tuple[int, dict[str, np.ndarray]]]:
         """(grid index, {band: (H + kh, W + kw) float32}) of patches ``first``..``last - 1`` of patch
         row ``row``, its requests fetched in parallel."""
         spans = request_spans(self.config, self.grid, first, last)
-        parts = list(self._pool.map(lambda span: self.fetch(row, *span), spans))
+        most = self._most
+        if most:  # Earth Engine refused larger ones
+            spans = [(a, min(end, a + most)) for start, end in spans for a in range(start, end, most)]
+        parts = self._pool.map(lambda span: self.fetch_span(row, *span), spans)
         patches = []
-        for (a, b), bands in zip(spans, parts, strict=True):
+        for a, b, bands in (part for span_parts in parts for part in span_parts):
             patches += block_patches(self.grid, self.kernel, row, a, b, bands)
         return patches
 
