@@ -8,8 +8,6 @@ same for its exports and its computePixels answers); nothing here reached Google
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from datetime import date
@@ -337,34 +335,21 @@ def test_the_workers_request_the_pixels_on_the_portable_runner(tmp_path, service
     the pool's SDK workers connect to Earth Engine (the playback) and publish the map tiles; the
     launcher never connects to it; the maps equal the in-process run's."""
     from conftest import assert_same_map
-    from test_portable_runner import _traced_env, _traced_opens, beam_service
+    from test_object_storage import _portable_run
+    from test_portable_runner import _traced_env, _traced_opens
 
     config_path = _pixels_config(tmp_path, services, max_request_bytes=TWO_PATCHES - 1)
     assert main(["run", str(config_path), "--run", "local", "--window", WINDOW]) == 0
     env = _traced_env(tmp_path) | {"TRACE_PORT": str(services.server.server_port)}
     with (tmp_path / "trace-hook" / "sitecustomize.py").open("a") as hook:
         hook.write(CONNECT_HOOK)
+
+    def write(document, name):
+        (tmp_path / name).write_text(yaml.safe_dump(document))
+        return tmp_path / name
+
     document = yaml.safe_load(config_path.read_text())
-    with (
-        beam_service("job-service", tmp_path, env) as (_, job_port),
-        beam_service("worker-pool", tmp_path, env) as (worker_pool, pool_port),
-    ):
-        document["runner"] = {
-            "kind": "portable",
-            "job_endpoint": f"127.0.0.1:{job_port}",
-            "environment_type": "EXTERNAL",
-            "environment_config": f"127.0.0.1:{pool_port}",
-        }
-        (tmp_path / "portable.yaml").write_text(yaml.safe_dump(document))
-        done = subprocess.run(
-            [sys.executable, "-m", "terrabeam", "run", str(tmp_path / "portable.yaml"), "--run", "r"]
-            + ["--window", WINDOW],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+    worker_pool = _portable_run(tmp_path, write, document, env, ["run", "--run", "r", "--window", WINDOW])
     assert len(services.calls("POST", "/image:computePixels")) == 24  # 12 each run
     opens = _traced_opens(tmp_path)
     connects = [o for o in opens if o.mode == "connect"]
