@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.remote_transfer import _counting, _free_port, _service, storage_module_root
+from benchmarks.remote_transfer import _counting, _free_port, portable_runner, worker_environment
 from benchmarks.scenes import scene_config, tiled_scene
 
 BUCKET = "terrabeam-bench"
@@ -43,12 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
     server.start()
-    os.environ |= {
-        "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
-        "TERRABEAM_CACHE": str(work / "cache"),
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-        "PYTHONPATH": os.pathsep.join([str(storage_module_root()), os.environ.get("PYTHONPATH", "")]),
-    }
+    os.environ |= {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"} | worker_environment(work)
     from terrabeam import storage
     from terrabeam.cli import main as terrabeam
 
@@ -82,45 +76,39 @@ def main(argv: list[str] | None = None) -> int:
         "grid": document["grid"]
         | {"crs": str(region.crs), "resolution": 20, "region": {"bbox": [left, bottom, right, top]}},
     }
-    jobs, job_port = _service("job-service", work)
-    pool, pool_port = _service("worker-pool", work)
     rows = []
     try:
-        document["runner"] = {
-            "kind": "portable",
-            "job_endpoint": f"127.0.0.1:{job_port}",
-            "environment_type": "EXTERNAL",
-            "environment_config": f"127.0.0.1:{pool_port}",
-        }
-        (work / "ee.yaml").write_text(yaml.safe_dump(document))
-        config = load_config(work / "ee.yaml")
-        exported = sum(size for _, size in storage.list_files(f"{staging}/{name}/r/export/*"))
-        from terrabeam.sources import shard_counts
+        with portable_runner(work) as runner:
+            document["runner"] = runner
+            (work / "ee.yaml").write_text(yaml.safe_dump(document))
+            config = load_config(work / "ee.yaml")
+            exported = sum(size for _, size in storage.list_files(f"{staging}/{name}/r/export/*"))
+            from terrabeam.sources import shard_counts
 
-        for way in (
-            "before: downloaded, then uploaded",
-            "after: copied in the store, records counted here",
-            "after: copied in the store, records counted by the workers",
-        ):
-            shard_counts.COUNT_HERE_MAX_BYTES = 0 if way.endswith("workers") else 2**30
-            workspace = Workspace(work / f"mirror-{len(rows)}", "r", f"gs://{BUCKET}/ws-{len(rows)}")
-            task = EarthEngineExportTask(config, workspace, RunContext("r"))
-            moved = _counting(storage)
-            start = time.perf_counter()
-            if way.startswith("before"):
-                from terrabeam.sources.earthengine import download_export
+            for way in (
+                "before: downloaded, then uploaded",
+                "after: copied in the store, records counted here",
+                "after: copied in the store, records counted by the workers",
+            ):
+                shard_counts.COUNT_HERE_MAX_BYTES = 0 if way.endswith("workers") else 2**30
+                workspace = Workspace(work / f"mirror-{len(rows)}", "r", f"gs://{BUCKET}/ws-{len(rows)}")
+                task = EarthEngineExportTask(config, workspace, RunContext("r"))
+                moved = _counting(storage)
+                start = time.perf_counter()
+                if way.startswith("before"):
+                    from terrabeam.sources.earthengine import download_export
 
-                with workspace.staging("export") as folder:
-                    download_export(config, "r", folder)
-            else:
-                task._publish_in_place()
-            seconds = time.perf_counter() - start
-            there = sum(size for _, size in storage.list_files(f"gs://{BUCKET}/ws-{len(rows)}/r/export/*"))
-            rows.append((way, moved["down"], moved["up"], there, seconds))
-            storage.copy_file, storage.read_bytes, storage.write_bytes = originals
+                    with workspace.staging("export") as folder:
+                        download_export(config, "r", folder)
+                else:
+                    task._publish_in_place()
+                seconds = time.perf_counter() - start
+                there = sum(
+                    size for _, size in storage.list_files(f"gs://{BUCKET}/ws-{len(rows)}/r/export/*")
+                )
+                rows.append((way, moved["down"], moved["up"], there, seconds))
+                storage.copy_file, storage.read_bytes, storage.write_bytes = originals
     finally:
-        for process in (jobs, pool):
-            os.killpg(process.pid, signal.SIGKILL)
         server.stop()
     print(f"{args.scale}× demo scene: the export is {exported:,} bytes on Cloud Storage")
     print(

@@ -23,6 +23,8 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -53,6 +55,34 @@ def _service(kind: str, work: Path) -> tuple[subprocess.Popen, int]:
             raise SystemExit(f"{kind} did not start")
         time.sleep(0.1)
     return process, int(port_file.read_text())
+
+
+@contextmanager
+def portable_runner(work: Path) -> Iterator[dict[str, str]]:
+    """Beam's job service and an external worker pool on 127.0.0.1 for the time inside; yields
+    the config's ``runner:`` section that uses them."""
+    jobs, job_port = _service("job-service", work)
+    pool, pool_port = _service("worker-pool", work)
+    try:
+        yield {
+            "kind": "portable",
+            "job_endpoint": f"127.0.0.1:{job_port}",
+            "environment_type": "EXTERNAL",
+            "environment_config": f"127.0.0.1:{pool_port}",
+        }
+    finally:
+        for process in (jobs, pool):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def worker_environment(work: Path) -> dict[str, str]:
+    """Variables for this process and the pool's SDK workers (started as `python -c …`): this
+    interpreter, this code, a cache of their own under ``work``."""
+    return {
+        "TERRABEAM_CACHE": str(work / "cache"),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "PYTHONPATH": os.pathsep.join([str(storage_module_root()), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def storage_module_root() -> Path:
@@ -106,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": endpoint,
-        "TERRABEAM_CACHE": str(work / "cache"),
-        # the worker pool starts SDK workers as `python -c …`: this interpreter, this code
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-        "PYTHONPATH": os.pathsep.join([str(Path(storage_module_root())), os.environ.get("PYTHONPATH", "")]),
-    }
+    } | worker_environment(work)
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
     import boto3
 
@@ -125,28 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     if terrabeam(["-q", "export", str(work / "export.yaml"), "--run", "r"]) != 0:
         raise SystemExit("export failed")
     shutil.rmtree(work / "cache" / "workspaces")  # a fresh launcher: the run is only in the bucket
-    jobs, job_port = _service("job-service", work)
-    pool, pool_port = _service("worker-pool", work)
     try:
-        document["runner"] = {
-            "kind": "portable",
-            "job_endpoint": f"127.0.0.1:{job_port}",
-            "environment_type": "EXTERNAL",
-            "environment_config": f"127.0.0.1:{pool_port}",
-        }
-        (work / "portable.yaml").write_text(yaml.safe_dump(document))
-        moved = _counting(storage)
-        start = time.perf_counter()
-        if terrabeam(["-q", "predict", str(work / "portable.yaml"), "--run", "r"]) != 0:
-            raise SystemExit("predict failed")
-        seconds = time.perf_counter() - start
+        with portable_runner(work) as runner:
+            document["runner"] = runner
+            (work / "portable.yaml").write_text(yaml.safe_dump(document))
+            moved = _counting(storage)
+            start = time.perf_counter()
+            if terrabeam(["-q", "predict", str(work / "portable.yaml"), "--run", "r"]) != 0:
+                raise SystemExit("predict failed")
+            seconds = time.perf_counter() - start
         shards = {
             step: sum(size for path, size in storage.list_files(f"s3://{BUCKET}/ws/r/{step}/*.tfrecord*"))
             for step in ("export", "predict")
         }
     finally:
-        for process in (jobs, pool):
-            os.killpg(process.pid, signal.SIGKILL)
         moto.stop()
     print(
         "| scene | export shards (bytes) | prediction shards (bytes) | launcher down | launcher up | predict s |"
