@@ -8,18 +8,15 @@ folder whole, so any step can be re-run alone.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import hashlib
 import json
 import os
 import posixpath
 import re
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from functools import partial
@@ -46,6 +43,7 @@ from terrabeam.predict.pipeline import (
     read_export,
     run_predict,
 )
+from terrabeam.process_memory import empty_gdal_cache, release_free_memory
 from terrabeam.progress import published_progress
 from terrabeam.region import stated_grid
 from terrabeam.sources.earthengine_pixels import (
@@ -88,18 +86,8 @@ def gdal_env() -> Iterator[None]:
     options = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_BYTES}
     with rasterio.Env(**options):
         yield
-    with rasterio.Env(GDAL_CACHEMAX=0):  # shrinking the cache to nothing frees its blocks
-        pass
+    empty_gdal_cache()
     release_free_memory()
-
-
-def release_free_memory() -> None:
-    """Hand memory freed by a step back to the OS (glibc keeps it in its arenas otherwise), so the
-    next step in the same process does not start from the last one's peak."""
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        with suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def export_step(config: PipelineConfig, workspace: Workspace) -> StepReport:
