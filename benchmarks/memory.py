@@ -8,10 +8,12 @@ import time
 import psutil
 
 
-def run_measured(command: list[str], interval: float = 0.05) -> tuple[float, int]:
+def run_measured(
+    command: list[str], interval: float = 0.05, env: dict[str, str] | None = None
+) -> tuple[float, int]:
     """(seconds, peak RSS in bytes summed over the process and all its descendants)."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     root = psutil.Process(process.pid)
     peak = 0
     while process.poll() is None:

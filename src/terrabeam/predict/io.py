@@ -15,9 +15,9 @@ from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.ml.inference.base import PredictionResult
 
 from terrabeam import NAMESPACE
+from terrabeam.beam_ml import PredictionResult
 from terrabeam.errors import InputError, RecordCountError
 from terrabeam.grid import PatchKey
 from terrabeam.region import TrueRegion

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from terrabeam import NAMESPACE
+from terrabeam.beam_ml import ModelHandler, PredictionResult
 from terrabeam.config import ModelConfig
 from terrabeam.errors import ModelError
 from terrabeam.predict.engines import Runtime, resolve_runtime

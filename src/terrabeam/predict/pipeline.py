@@ -14,10 +14,10 @@ from pathlib import Path
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from terrabeam import NAMESPACE, beam_local
+from terrabeam.beam_ml import KeyedModelHandler, RunInference
 from terrabeam.config import PipelineConfig, local_workers
 from terrabeam.errors import ConfigError, RecordCountError, TerrabeamError
 from terrabeam.grid import Grid
