@@ -696,6 +696,10 @@ def test_a_compute_pixels_deployment_is_the_map_step_on_dataflow(tiny_pipeline, 
     doc["runner"].pop("max_workers")
     with pytest.raises(ConfigError, match="runner.max_workers"):
         gcp_target.GcpTarget.from_config(load_config(write(doc, "cloud-pixels-2.yaml")))
+    # a cloud run has no --window: a composite without source.window could never be made there
+    doc["source"].pop("window")
+    with pytest.raises(ConfigError, match=r"source.window \(the deployed workflow"):
+        gcp_target.GcpTarget.from_config(load_config(write(doc, "cloud-pixels-3.yaml")))
 
 
 def test_every_cloud_value_comes_from_the_config(tiny_pipeline, tmp_path):

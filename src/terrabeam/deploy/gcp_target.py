@@ -89,6 +89,11 @@ class GcpTarget:
             value = getattr(runner, field)
             if value is not None and not value.startswith("gs://"):
                 problems.append(f"runner.{field} as a gs:// folder (now {value!r})")
+        if config.source.kind == "earthengine" and config.source.window is None:
+            problems.append(
+                "source.window (the deployed workflow starts runs without a window of their own): "
+                "dates, or months_before / days_before counted back from each run's date"
+            )
         if runner.max_workers is None and uses_compute_pixels(config):
             problems.append("runner.max_workers (the workers share the computePixels request limits)")
         if config.source.kind == "raster":
