@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     say("")
     say(
         f"**4. Where the time goes** (one cProfile'd U-Net run on the {profiled}× scene; profiling slows "
-        "Python-heavy parts)."
+        "Python-heavy parts; stages in other threads are wall seconds summed over their calls and "
+        "overlap the model or each other, so the stages add up to more than the run)."
     )
     say("")
     say("| step | seconds |")

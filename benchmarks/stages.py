@@ -1,7 +1,9 @@
 """Where the time goes: per-step and per-stage seconds of one `terrabeam run`, from cProfile.
 
 Stages are the cumulative times of the functions that do each kind of work; the runner executes
-bundles in this thread, so the profile sees the whole pipeline.
+bundles in this thread, so the profile sees the pipeline's main line. Work in other threads (band
+reads ahead, tile encoding behind the model, the mosaic's COGs and quicklook side by side) is timed
+by wrapping its function instead: seconds summed over threads, which may overlap each other.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import time
 from pathlib import Path
 
 from terrabeam.config import load_config
+from terrabeam.sinks import tiles
 from terrabeam.sources import raster
+from terrabeam.workflow import maps
 from terrabeam.workflow.runner import Runner
 
 # stage → (file suffix, function name) whose cumulative time is that stage
@@ -26,10 +30,6 @@ STAGES = {
     "model input: stack, normalise": ("predict/io.py", "process"),
     "post-process (softmax, argmax, crop)": ("predict/io.py", "features"),
     "patches into the tile's scratch files": ("sinks/tiles.py", "add"),
-    "tile COGs: encode + publish": ("sinks/tiles.py", "publish"),
-    "mosaic: single COG from the tiles": ("sinks/mosaic.py", "write_single_cog"),
-    "mosaic: VRT": ("sinks/mosaic.py", "write_vrt"),
-    "quicklook PNG": ("sinks/quicklook.py", "write_quicklook"),
 }
 
 
@@ -37,6 +37,10 @@ STAGES = {
 # (seconds summed over threads). stage → (object, attribute)
 THREADED = {
     "raster read + warp (in reader threads, overlapping the model)": (raster._BandReader, "read"),
+    "tile COGs: encode + publish (writer thread, behind the model)": (tiles._TileFile, "publish"),
+    "mosaic: VRT": (maps, "write_vrt"),
+    "mosaic: single COG per layer from the tiles (side by side)": (maps, "write_single_cog"),
+    "mosaic: quicklook PNG (beside the single COGs)": (maps, "write_quicklook"),
 }
 
 
