@@ -108,6 +108,16 @@ def test_compute_pixels_run_is_one_pipeline_with_the_export_tasks_pixels(tmp_pat
     np.testing.assert_array_equal(by_pixels[1], by_export[1])
     assert len(np.unique(by_pixels[0])) > 1  # both classes: the pixels decided the map
 
+    # both maps say what the composite covers (12 months before the run's date), not the run's window
+    for deliver in (tmp_path / "ws" / "r1" / "deliver", tmp_path / "ws-export" / "r1" / "deliver"):
+        with rasterio.open(deliver / "ee-landcover-classes.tif") as ds:
+            assert ds.tags()["TERRABEAM_WINDOW"] == "2024-02-01/2025-02-01"
+        item = json.loads((deliver / "ee-landcover.item.json").read_text())["properties"]
+        assert (item["start_datetime"], item["end_datetime"]) == (
+            "2024-02-01T00:00:00Z",
+            "2025-02-01T00:00:00Z",
+        )
+
 
 def test_patches_equal_the_export_tasks_patches_for_the_same_grid(tmp_path, services):
     """The reader's patches against the exported patches, value for value, with requests of

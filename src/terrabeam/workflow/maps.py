@@ -111,7 +111,7 @@ def write_map(
     start = time.perf_counter()
     stem = config.name
     layers = map_layers(config, bands)
-    made = Provenance.of(config, workspace.run_id, workspace.window)
+    made = Provenance.of(config, workspace.run_id, imagery_window(config, workspace))
     tags = made.tags()
     flags = pipeline_flags(config, beam_args)
     spread = config.predict.should_reshuffle(flags)
@@ -186,6 +186,19 @@ def write_map(
         location = workspace.step_location("deliver")
         posted = post_item(target.api, target.collection, deliver / item_file_name(stem), location)
     return MapResult(tiling, layers, len(done), outputs, time.perf_counter() - start, skipped, posted)
+
+
+def imagery_window(config: PipelineConfig, workspace: Workspace) -> tuple[str, str] | None:
+    """The time the map's imagery covers, recorded in its tags, STAC Item and quicklook title: an
+    Earth Engine source's composite window (as its ingested image says too), else the run's window.
+    A deployed or scheduled run without a window of its own still says what its composite covers."""
+    if config.source.kind != "earthengine":
+        return workspace.window
+    from terrabeam.sources.earthengine import composite_window, run_date
+
+    day = run_date(workspace.window, workspace.created)
+    start, end = composite_window(config.source, workspace.window, day)  # type: ignore[arg-type]
+    return start.isoformat(), end.isoformat()
 
 
 def _assemble_shards(
