@@ -25,7 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from terrabeam import NAMESPACE, beam_local
 from terrabeam.config import PipelineConfig
-from terrabeam.errors import RecordCountError
+from terrabeam.errors import ConfigError, RecordCountError
 from terrabeam.layout import ExportManifest, manifest_path, mixer_path, shard_name
 from terrabeam.predict.models import forget_probed
 from terrabeam.predict.pipeline import pipeline_flags
@@ -197,7 +197,10 @@ def imagery_window(config: PipelineConfig, workspace: Workspace) -> tuple[str, s
     from terrabeam.sources.earthengine import composite_window, run_date
 
     day = run_date(workspace.window, workspace.created)
-    start, end = composite_window(config.source, workspace.window, day)  # type: ignore[arg-type]
+    try:
+        start, end = composite_window(config.source, workspace.window, day)  # type: ignore[arg-type]
+    except ConfigError:  # no source.window and no run window (e.g. `deliver` alone): none to say
+        return None
     return start.isoformat(), end.isoformat()
 
 
