@@ -232,6 +232,15 @@ def test_auto_fetch_takes_compute_pixels_for_small_grids(tmp_path, services, mon
     document["source"]["fetch"] = "export"
     assert not uses_compute_pixels(parse_config(document, tmp_path))
 
+    # counted on the blocks the run will read: tiles of 2 patches halve the map step's rows (6
+    # requests), while an Earth Engine sink's export step reads whole rows (3 requests)
+    document["source"]["fetch"] = "auto"
+    document["outputs"]["tile_size"] = 2 * W
+    monkeypatch.setattr(earthengine_pixels, "AUTO_MAX_REQUESTS", 4)
+    assert not uses_compute_pixels(parse_config(document, tmp_path))
+    document["outputs"]["earthengine"] = {"collection": f"projects/{PROJECT}/assets/terrabeam/lc"}
+    assert uses_compute_pixels(parse_config(document, tmp_path))
+
 
 def test_the_limits_are_shared_by_the_worker_processes(tmp_path, services):
     assert worker_processes([]) == 1

@@ -58,9 +58,15 @@ def uses_compute_pixels(config: PipelineConfig) -> bool:
     from terrabeam.region import stated_grid
 
     grid, region = stated_grid(config)
-    tiling = Tiling.for_grid(grid, region.width, region.height, config.outputs.tile_size)
+    if config.outputs.earthengine is None:  # the one pipeline reads each tile's patch rows
+        tiling = Tiling.for_grid(grid, region.width, region.height, config.outputs.tile_size)
+        blocks = tile_blocks(tiling)
+    else:  # the export step writes the interchange files from its own blocks
+        from terrabeam.sources.raster import export_blocks
+
+        blocks = export_blocks(grid)
     try:
-        needed = count_requests(config, grid, tile_blocks(tiling), AUTO_MAX_REQUESTS + 1)
+        needed = count_requests(config, grid, blocks, AUTO_MAX_REQUESTS + 1)
     except ConfigError:  # a patch larger than a request: only an export can fetch it
         return False
     return needed <= AUTO_MAX_REQUESTS
