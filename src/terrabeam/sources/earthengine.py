@@ -72,6 +72,13 @@ def _as_date(text: str) -> date:
     return datetime.fromisoformat(text).date() if "T" in text else date.fromisoformat(text[:10])
 
 
+def run_composite_window(
+    source: EarthEngineSource, run_window: tuple[str, str] | None, created: float | None
+) -> tuple[date, date]:
+    """[start, end) of the images in a run's composite: ``composite_window`` on the run's date."""
+    return composite_window(source, run_window, run_date(run_window, created))
+
+
 def run_date(run_window: tuple[str, str] | None, created: float | None) -> date:
     """The date a run stands for: the end of its window, else the day it was created (UTC)."""
     if run_window is not None:

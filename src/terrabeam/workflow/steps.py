@@ -115,9 +115,9 @@ def export_step(config: PipelineConfig, workspace: Workspace) -> StepReport:
 
 def composite_dates(config: PipelineConfig, workspace: Workspace) -> tuple[date, date]:
     """[start, end) of the images in an Earth Engine source's composite for this run."""
-    from terrabeam.sources.earthengine import composite_window, run_date
+    from terrabeam.sources.earthengine import run_composite_window
 
-    return composite_window(config.source, workspace.window, run_date(workspace.window, workspace.created))
+    return run_composite_window(config.source, workspace.window, workspace.created)  # type: ignore[arg-type]
 
 
 def predict_step(

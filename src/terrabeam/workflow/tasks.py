@@ -261,11 +261,11 @@ class EarthEngineDeliverTask:
 def ingestion_times(config: PipelineConfig, context: RunContext) -> tuple[datetime, datetime, datetime]:
     """(start, end, run date) of the delivered image: the composite window for an Earth Engine source,
     else the run's window, else the run's day."""
-    from terrabeam.sources.earthengine import composite_window, run_date
+    from terrabeam.sources.earthengine import run_composite_window, run_date
 
     day = run_date(context.window, context.created)
     if config.source.kind == "earthengine":
-        start, end = composite_window(config.source, context.window, day)
+        start, end = run_composite_window(config.source, context.window, context.created)  # type: ignore[arg-type]
     elif context.window is not None:
         start, end = (datetime.fromisoformat(w).date() for w in context.window)
     else:
