@@ -29,7 +29,7 @@ from terrabeam.errors import ConfigError, RecordCountError
 from terrabeam.layout import ExportManifest, manifest_path, mixer_path, shard_name
 from terrabeam.predict.models import forget_probed
 from terrabeam.predict.pipeline import pipeline_flags
-from terrabeam.process_memory import empty_gdal_cache, release_free_memory
+from terrabeam.process_memory import release_free_memory
 from terrabeam.progress import published_progress
 from terrabeam.provenance import Provenance
 from terrabeam.region import projected_geometry
@@ -166,10 +166,10 @@ def write_map(
         )
         if written != len(todo):
             raise RecordCountError(f"map: {len(todo)} tiles to write, but the pipeline wrote {written}")
-        # what the pipeline left in GDAL's cache and the arrays it freed (which glibc keeps) are
-        # not needed by the mosaic: without this its COGs start from the pipeline's peak
-        # (16× demo scene: 868 MiB peak in the mosaic before, 748 after; BENCHMARKS.md)
-        empty_gdal_cache()
+        # the arrays the pipeline freed (glibc keeps them) are not needed by the mosaic: without
+        # this its COGs start from the pipeline's peak (16× demo scene: 868 MiB peak in the mosaic
+        # before, 748 after; BENCHMARKS.md). GDAL's cache is already empty: the workers' teardown
+        # closed the source datasets.
         release_free_memory(collect=False)
     if remote_tiles:
         _fetch_tiles(remote_tiles, tiles_dir, stem, layers, tiling)
@@ -194,11 +194,10 @@ def imagery_window(config: PipelineConfig, workspace: Workspace) -> tuple[str, s
     A deployed or scheduled run without a window of its own still says what its composite covers."""
     if config.source.kind != "earthengine":
         return workspace.window
-    from terrabeam.sources.earthengine import composite_window, run_date
+    from terrabeam.sources.earthengine import run_composite_window
 
-    day = run_date(workspace.window, workspace.created)
     try:
-        start, end = composite_window(config.source, workspace.window, day)  # type: ignore[arg-type]
+        start, end = run_composite_window(config.source, workspace.window, workspace.created)  # type: ignore[arg-type]
     except ConfigError:  # no source.window and no run window (e.g. `deliver` alone): none to say
         return None
     return start.isoformat(), end.isoformat()
