@@ -2,8 +2,11 @@
 
 1. bounds of the predict step (model alone, I/O alone, their serial combination) against
    `terrabeam predict`, for the real U-Net and a light per-pixel model, on the 16× scene;
-2. `terrabeam run` against a naive rasterio → model → rasterio loop on the same scene;
-3. scaling: `terrabeam run` on 1×, 4× and 16× the real scene's area (time per Mpx, peak memory);
+2. `terrabeam run` against a naive rasterio → model → rasterio loop on the same scene, the two
+   taking turns for ``--rounds`` rounds (best of each compared: this VM's speed drifts by ±15 %
+   from minute to minute, so one run of each compares the machine's moods, not the code);
+3. scaling: `terrabeam run` on 1×, 4× and 16× the real scene's area, ``--rounds`` runs each (time
+   per Mpx from the best, peak memory from the median);
 4. where the time goes: per-step and per-stage seconds of one profiled run;
 5. local worker processes: predict with 1 and 2 worker processes (× ONNX Runtime threads), the
    speed-up (alone: ``python -m benchmarks --only workers --write BENCHMARKS.md``).
@@ -18,6 +21,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -76,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bounds-scale", type=int, default=64, help="scene area for sections 1 and 2 (also run for scaling)"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of sections 2 and 3 (runs and naive loops take turns)"
+    )
     parser.add_argument("--profile-scale", type=int, default=16, help="scene area of the profiled run")
     parser.add_argument(
         "--workers-scale", type=int, default=16, help="scene area of section 5 (local worker processes)"
@@ -127,10 +135,20 @@ def main(argv: list[str] | None = None) -> int:
 
         # 3. scaling (first, so the big run's export can serve the bounds below)
         scaling = []
+        rounds = {scale: [] for scale in scales}  # (run s, wall s, peak bytes) per round
+        for round_number in range(args.rounds):  # the scales take turns: drift hits them alike
+            for scale in scales:
+                run_id = f"x{scale}-{round_number}"
+                wall, peak = run_measured([*terrabeam, "run", str(configs[scale]), "--run", run_id])
+                summary = json.loads((work / "ws" / run_id / "summary.json").read_text())
+                rounds[scale].append((summary["seconds"]["total"], wall, peak))
+                if round_number < args.rounds - 1:
+                    shutil.rmtree(work / "ws" / run_id)
         for scale in scales:
-            wall, peak = run_measured([*terrabeam, "run", str(configs[scale]), "--run", f"x{scale}"])
-            summary = json.loads((work / "ws" / f"x{scale}" / "summary.json").read_text())
-            scaling.append((scale, summary["pixels"], summary["seconds"]["total"], wall, peak))
+            summary = json.loads((work / "ws" / f"x{scale}-{args.rounds - 1}" / "summary.json").read_text())
+            best = min(rounds[scale])
+            peaks = [r[2] for r in rounds[scale]]
+            scaling.append((scale, summary["pixels"], best[0], best[1], statistics.median(peaks), peaks))
 
         # a run writes no interchange files: the bounds of the predict step run on an export
         run_measured([*terrabeam, "export", str(configs[largest]), "--run", f"e{largest}"])
@@ -199,15 +217,18 @@ def main(argv: list[str] | None = None) -> int:
                     ("per-pixel linear, deflate COGs", deflate_path, f"deflate-x{scale}", "ws-pixel")
                 )
             for label, config_path, run_id, ws in variants:
-                if not (work / ws / run_id / "summary.json").exists():
-                    run_measured([*terrabeam, "run", str(config_path), "--run", run_id])
-                summary = json.loads((work / ws / run_id / "summary.json").read_text())
-                naive_seconds, naive_pixels = naive_run(load_config(config_path), work / f"naive-{run_id}")
-                assert naive_pixels == summary["pixels"]
+                run_seconds, naive_seconds = [], []
+                for round_number in range(args.rounds):  # taking turns with the naive loop
+                    name = f"{run_id}-v{round_number}"
+                    run_measured([*terrabeam, "run", str(config_path), "--run", name])
+                    summary = json.loads((work / ws / name / "summary.json").read_text())
+                    shutil.rmtree(work / ws / name)
+                    run_seconds.append(summary["seconds"]["total"])
+                    seconds, naive_pixels = naive_run(load_config(config_path), work / f"naive-{run_id}")
+                    naive_seconds.append(seconds)
+                    assert naive_pixels == summary["pixels"]
                 bound = unet_bound * naive_pixels / pixels if label.startswith("U-Net") else None
-                run_rows.append(
-                    (f"{label}, {scale}×", naive_pixels, summary["seconds"]["total"], naive_seconds, bound)
-                )
+                run_rows.append((f"{label}, {scale}×", naive_pixels, run_seconds, naive_seconds, bound))
 
         # 4. where the time goes
         profiled = args.profile_scale if args.profile_scale in configs else largest
@@ -220,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     say("")
     say(
-        f"`python -m benchmarks --scales {' '.join(map(str, args.scales))} --bounds-scale {largest}` "
+        f"`python -m benchmarks --scales {' '.join(map(str, args.scales))} --bounds-scale {largest} "
+        f"--rounds {args.rounds}` "
         f"on {os.cpu_count()} cores, "
         f"{platform.machine()}, Python {platform.python_version()}, onnxruntime {ort.__version__}, "
         f"apache-beam {beam_version}. "
@@ -251,29 +273,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     say("")
     say(
-        "| model, scene | terrabeam run s | naive s | run Mpx/s | naive Mpx/s | run / naive (target: U-Net ≥ 1.1, "
-        "light ≥ 1.5) | run / model bound (U-Net, target ≥ 0.8) |"
+        "| model, scene | terrabeam run s (best) | naive s (best) | run Mpx/s | naive Mpx/s | run / naive, "
+        "best against best (target: U-Net ≥ 1.1, light ≥ 1.5) | run / naive in each round "
+        "| run / model bound (U-Net, target ≥ 0.8) |"
     )
-    say("|---|---:|---:|---:|---:|---:|---:|")
-    for label, px, run_s, naive_s, bound_s in run_rows:
+    say("|---|---:|---:|---:|---:|---:|---|---:|")
+    for label, px, run_rounds, naive_rounds, bound_s in run_rows:
+        run_s, naive_s = min(run_rounds), min(naive_rounds)
         ratio = naive_s / run_s
+        each = ", ".join(f"{n / r:.2f}" for r, n in zip(run_rounds, naive_rounds, strict=True))
         target = 1.1 if label.startswith("U-Net") else 1.5
         versus_bound = f"{bound_s / run_s:.3f} {_verdict(bound_s / run_s >= 0.8)}" if bound_s else "–"
         say(
             f"| {label} | {run_s:.2f} | {naive_s:.2f} | {_mpx(px, run_s):.2f} | {_mpx(px, naive_s):.2f} "
-            f"| {ratio:.3f} {_verdict(ratio >= target)} | {versus_bound} |"
+            f"| {ratio:.3f} {_verdict(ratio >= target)} | {each} | {versus_bound} |"
         )
     say("")
     say(
-        "**3. Scaling** (U-Net; run seconds from the run's summary, wall includes interpreter start; "
-        "peak RSS of the whole process tree)."
+        f"**3. Scaling** (U-Net, {args.rounds} runs of each scene, the scenes taking turns; run seconds "
+        "from the run's summary, best round; wall includes interpreter start; peak RSS of the whole "
+        "process tree, median of the rounds)."
     )
     say("")
-    say("| area | Mpx | run s | wall s | s per Mpx | peak RSS MiB |")
-    say("|---|---:|---:|---:|---:|---:|")
-    for scale, px, run_s, wall, peak in scaling:
+    say("| area | Mpx | run s | wall s | s per Mpx | peak RSS MiB (median) | peak RSS MiB, every round |")
+    say("|---|---:|---:|---:|---:|---:|---|")
+    for scale, px, run_s, wall, peak, peaks in scaling:
+        each = ", ".join(f"{p / 2**20:.0f}" for p in peaks)
         say(
-            f"| {scale}× | {px / 1e6:.2f} | {run_s:.2f} | {wall:.2f} | {run_s / (px / 1e6):.2f} | {peak / 2**20:.0f} |"
+            f"| {scale}× | {px / 1e6:.2f} | {run_s:.2f} | {wall:.2f} | {run_s / (px / 1e6):.2f} "
+            f"| {peak / 2**20:.0f} | {each} |"
         )
     first, last = scaling[0], next(row for row in scaling if row[0] == max(args.scales))
     time_ratio = (last[2] / last[1]) / (first[2] / first[1])
