@@ -46,8 +46,8 @@ test: $(STAMP) $(DATA) postgis browser  ## lint and run the test suite
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(PY) -m pytest
 
-test-slow: $(STAMP)  ## the TFRecord decoder and framing property tests at 20 000 examples each (~10 min)
-	$(PY) -m pytest -m slow tests/test_tfrecord_properties.py
+test-slow: $(STAMP)  ## the TFRecord decoder and framing property tests at 20 000 examples each (~10 min), and the GDAL cache-race control
+	$(PY) -m pytest -m slow tests/test_tfrecord_properties.py tests/test_gdal_threads.py
 
 fuzz: $(STAMP)  ## fuzz TFRecord framing + decoder against protobuf and Beam's codec (TERRABEAM_FUZZ_SECONDS=300)
 	$(PY) -m pytest -m fuzz -s tests/test_tfrecord_properties.py

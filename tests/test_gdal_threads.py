@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import rasterio
 
 from terrabeam.gdal_threads import ReadersWriterLock
@@ -111,3 +112,142 @@ def test_tile_scratch_reads_back_through_its_raw_vrt(tmp_path):
         assert ds.transform == grid.transform and ds.crs == "EPSG:32633"
         assert ds.descriptions == ("a", "b") and np.isnan(ds.nodata)
         assert ds.tags()["bands"] == "a,b"
+
+
+def _reading_load(source: str, stop: threading.Event, readers: int = 3) -> list[threading.Thread]:
+    """Threads reading resampled windows of ``source`` through GDAL until ``stop``, each read under
+    GDAL_IO.reading() as the raster source's are: with a small cache they evict blocks all the time."""
+    from rasterio.enums import Resampling
+    from rasterio.windows import Window
+
+    from terrabeam.gdal_threads import GDAL_IO
+
+    def read(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with rasterio.open(source) as ds:
+            while not stop.is_set():
+                x, y = rng.integers(0, ds.width - 1200), rng.integers(0, ds.height - 300)
+                with GDAL_IO.reading():
+                    ds.read(
+                        1, window=Window(x, y, 1200, 300), out_shape=(150, 600), resampling=Resampling.average
+                    )
+
+    threads = [threading.Thread(target=read, args=(seed,)) for seed in range(readers)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _loaded_source(path) -> str:
+    """A synthetic 8192 × 4096 uint16 GeoTIFF (64 MB, 512² blocks) for the reading threads."""
+    data = np.random.default_rng(1).integers(0, 10000, (4096, 8192), dtype=np.uint16)
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=8192,
+        height=4096,
+        count=1,
+        dtype="uint16",
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+    ) as dst:
+        dst.write(data, 1)
+    return str(path)
+
+
+def test_tiles_without_overviews_encode_exactly_beside_reads(tmp_path):
+    """Synthetic predictions, real GDAL: the tile writer encodes tiles without overviews beside
+    other threads' GDAL reads (sinks/tiles.py lets them share), in a 1 MB block cache that the
+    reads keep churning; every tile's COG holds exactly the pixels written. Under the same load a
+    multi-band GeoTIFF written through the cache loses blocks (the slow test below)."""
+    from affine import Affine
+
+    from terrabeam.grid import Grid, PatchKey
+    from terrabeam.sinks.tiles import MapLayer, WriteMapTiles
+    from terrabeam.tiling import Tiling
+
+    width, height, patch = 4096, 2048, (256, 256)
+    grid = Grid.covering("EPSG:32633", Affine(10, 0, 500000, 0, -10, 5000000), width, height, patch)
+    tiling = Tiling.for_grid(grid, width, height, 1024)
+    layer = MapLayer("probabilities", ["a", "b", "c"], "float32", float("nan"), "average", ["a", "b", "c"])
+    out = tmp_path / "tiles"
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    expected = rng.random((3, height, width), dtype=np.float32)
+    expected[:, ::7, ::5] = np.nan
+    stop = threading.Event()
+    with rasterio.Env(GDAL_CACHEMAX=2**20):
+        readers = _reading_load(_loaded_source(tmp_path / "source.tif"), stop)
+        try:
+            sink = WriteMapTiles(str(out), "t", [layer], tiling, None, ("zstd", None), overviews=False)
+            sink.setup()
+            sink.start_bundle()
+            for tile in range(tiling.count):
+                for index in tiling.patches(tile):
+                    window = grid.patch_window(index)
+                    values = expected[
+                        :, window.row_off : window.row_off + 256, window.col_off : window.col_off + 256
+                    ]
+                    sink.process((PatchKey(index, 0, index), dict(zip(["a", "b", "c"], values, strict=True))))
+            sink.finish_bundle()
+            sink.teardown()
+        finally:
+            stop.set()
+            for thread in readers:
+                thread.join(10)
+    assert tiling.count == 8
+    for tile in range(tiling.count):
+        window = tiling.window(tile)
+        with rasterio.open(out / f"t-probabilities-{tiling.name(tile)}.tif") as ds:
+            assert ds.overviews(1) == []
+            got = ds.read()
+        want = expected[
+            :, window.row_off : window.row_off + window.height, window.col_off : window.col_off + window.width
+        ]
+        np.testing.assert_array_equal(got, want, err_msg=f"tile {tile}")
+
+
+@pytest.mark.slow
+def test_the_load_finds_a_cache_race(tmp_path):
+    """The load above is able to find the race it guards against: a 3-band pixel-interleaved
+    GeoTIFF written window by window through GDAL's cache (the tile writer's old scratch) loses
+    blocks beside it, here in at least 1 of 40 writes (10 of 40 when measured; BENCHMARKS.md).
+    Synthetic data."""
+    from rasterio.windows import Window
+
+    data = np.random.default_rng(0).random((3, 1536, 2048), dtype=np.float32)
+    stop = threading.Event()
+    lost = 0
+    with rasterio.Env(GDAL_CACHEMAX=2**20):
+        readers = _reading_load(_loaded_source(tmp_path / "source.tif"), stop)
+        try:
+            for attempt in range(40):
+                path = tmp_path / f"scratch-{attempt % 2}.tif"
+                with rasterio.open(
+                    path,
+                    "w",
+                    driver="GTiff",
+                    width=2048,
+                    height=1536,
+                    count=3,
+                    dtype="float32",
+                    tiled=True,
+                    blockxsize=256,
+                    blockysize=256,
+                    interleave="pixel",
+                ) as dst:
+                    for row in range(0, 1536, 192):
+                        for col in range(0, 2048, 192):
+                            window = Window(col, row, min(192, 2048 - col), min(192, 1536 - row))
+                            dst.write(
+                                data[:, row : row + window.height, col : col + window.width], window=window
+                            )
+                with rasterio.open(path) as ds:
+                    lost += not np.array_equal(ds.read(), data)
+        finally:
+            stop.set()
+            for thread in readers:
+                thread.join(10)
+    assert lost >= 1

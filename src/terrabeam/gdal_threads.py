@@ -4,10 +4,12 @@ GDAL's raster block cache is one per process. With the raster source reading ahe
 while the tile writer wrote its scratch GeoTIFF in the bundle's thread, whole blocks of the map
 went missing (tests/test_kernel_margin.py, ~1 run in 4; BENCHMARKS.md): a read elsewhere had
 flushed or dropped a block the writer was filling. In a pipeline, reading a source takes
-``reading()`` and encoding a tile takes ``writing()``, so no GDAL file is written while another
-thread reads or writes one, and the tile writer keeps its scratch pixels outside GDAL
-(raw files) until a tile is complete. (The mosaic, after the pipeline, writes its COGs
-side by side from finished tiles, as it always has.)
+``reading()``, and encoding a tile with overviews (computed through the cache) takes
+``writing()``, so no such file is written while another thread reads or writes one. The tile
+writer keeps its scratch pixels outside GDAL (raw files) until a tile is complete, and a tile
+without overviews is copied into its COG without passing through the cache, so it encodes beside
+the reads (``reading()``; sinks/tiles.py). (The mosaic, after the pipeline, writes its COGs side
+by side from finished tiles, as it always has.)
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,17 @@ def cog_options(
     if level is not None and compression in ("zstd", "deflate"):
         options["LEVEL"] = str(level)
     return options
+
+
+def _encoding_guard(overviews: bool) -> AbstractContextManager[None]:
+    """How a tile's COG encoding shares GDAL with the source's reads in other threads (gdal_threads).
+
+    Without overviews GDAL's COG driver copies the source's blocks straight into the file: no
+    dirty block of it sits in the shared block cache for a read elsewhere to flush, so reads go on
+    beside it (under load, 0 of 200 such encodings differed from their input where the old scratch
+    GeoTIFF lost blocks in 10 of 40; tests/test_gdal_threads.py, BENCHMARKS.md). Overviews are
+    computed through that cache in a temporary multi-band GeoTIFF, like that scratch: alone."""
+    return GDAL_IO.writing() if overviews else GDAL_IO.reading()
 
 
 def _raw_dtype(layer: MapLayer) -> np.dtype:
@@ -296,7 +308,7 @@ class _TileFile:
                 name = tile_file_name(sink.stem, layer, sink.tiling, self.tile)
                 partial = self.scratch / f"{name}.partial"
                 options = cog_options(layer, sink.compression, sink.compression_level, sink.overviews)
-                with GDAL_IO.writing():
+                with _encoding_guard(sink.overviews):
                     rasterio.shutil.copy(source, partial, driver="COG", **options)
                 sidecar = partial.with_name(f"{partial.name}.aux.xml")  # GDAL's: class names
                 if sidecar.exists():  # before the COG: a tile whose COG exists is done
