@@ -345,7 +345,8 @@ class WriteMapTiles(beam.DoFn):
 
     # One tile encoded behind the model: ~1.4x faster whole runs with the light model (I/O-bound),
     # no gain with the U-Net (model-bound; BENCHMARKS.md). Safe since the scratch is raw files
-    # outside GDAL and tile encoding waits for GDAL reads elsewhere (gdal_threads).
+    # outside GDAL, and a tile with overviews encodes only while no GDAL read runs elsewhere
+    # (_encoding_guard, gdal_threads).
     WRITE_BEHIND = 1
 
     def __init__(

@@ -441,8 +441,8 @@ class _ReadTilePatches(beam.DoFn):
     """Tile number → (PatchKey, {band: patch}) for every patch of the tile, read on the worker.
 
     The next block of patches is read in a background thread while the current one flows on to
-    the model, so reading overlaps the model on one machine (both release the GIL); the tile
-    writer's GDAL work waits for it (gdal_threads).
+    the model, so reading overlaps the model on one machine (both release the GIL); a tile with
+    overviews waits for it before its encoding (gdal_threads).
     """
 
     def __init__(self, open_reader: Callable[[], RasterPatchReader], tiling: Tiling) -> None:
