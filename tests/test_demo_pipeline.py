@@ -116,6 +116,43 @@ def test_tiles_and_vrt_give_the_single_cog(demo_run):
             np.testing.assert_array_equal(tile.read(), cog.read(window=((0, 384), (384, 768))))
 
 
+def test_a_vrt_only_map_exposes_its_tiles_overviews(demo_run, tmp_path, demo_data):
+    """Real data: the same run without a single COG (``outputs.single_file_max_pixels: 0``) gives
+    tiles with one overview level each and a VRT that exposes them; its overview equals the overview
+    GDAL computed over the whole mosaic for the shared run's single COG."""
+    from conftest import DEMO_CONFIG
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        DEMO_CONFIG.read_text()
+        .replace("../data/demo", str(demo_data))
+        .replace("workspace: ../workspace", f"workspace: {tmp_path / 'ws'}")
+        .replace("outputs:\n", "outputs:\n  tile_size: 384\n  single_file_max_pixels: 0\n")
+    )
+    assert main(["run", str(config), "--run", "vrt"]) == 0
+    deliver = tmp_path / "ws" / "vrt" / "deliver"
+    assert not (deliver / "sentinel2-cloudmask-classes.tif").exists()
+    for layer in ("classes", "probabilities"):
+        assert (deliver / "tiles" / f"sentinel2-cloudmask-{layer}-overview1.vrt").is_file()
+        for tile in ("r0000c0000", "r0000c0001"):
+            with rasterio.open(deliver / "tiles" / f"sentinel2-cloudmask-{layer}-{tile}.tif") as ds:
+                assert ds.overviews(1) == [2]
+        vrt_path = deliver / f"sentinel2-cloudmask-{layer}.vrt"
+        with rasterio.open(vrt_path) as vrt:
+            assert vrt.overviews(1) == [2] and vrt.shape == (384, 768)
+        with (
+            rasterio.open(vrt_path, overview_level=0) as overview,
+            rasterio.open(
+                demo_run / "deliver" / f"sentinel2-cloudmask-{layer}.tif", overview_level=0
+            ) as gdal,
+        ):
+            assert overview.shape == gdal.shape == (192, 384)
+            if layer == "classes":  # the mode of 2 × 2 pixels: no window straddles a tile edge
+                np.testing.assert_array_equal(overview.read(), gdal.read())
+            else:  # averages: the same up to float rounding
+                np.testing.assert_allclose(overview.read(), gdal.read(), rtol=0, atol=1e-6)
+
+
 def test_prediction_shards_decode_with_protobuf_in_mixer_order(demo_run, example_pb2):
     predict = demo_run / "deliver"
     grid = Grid.read_mixer(predict / "predictions-mixer.json")

@@ -246,3 +246,27 @@ def test_interrupt_mid_run_records_the_run_and_resume_keeps_tiles(signum, tmp_pa
     )
     assert main(["runs", "--workspace", str(ws), "--json"]) == 0
     assert [r["status"] for r in json.loads(capsys.readouterr().out)["runs"]] == ["done"]
+
+
+def test_vrt_overview_levels_stop_where_tile_edges_leave_whole_pixels():
+    """Synthetic grids: a VRT-only map exposes halvings down to one 512 px block, but no level where
+    a tile's side is no longer a whole number of pixels; other maps expose none."""
+    from types import SimpleNamespace
+
+    from affine import Affine
+
+    from terrabeam.grid import Grid
+    from terrabeam.tiling import Tiling
+    from terrabeam.workflow.maps import vrt_overview_levels
+
+    def levels(width: int, height: int, patch: int, tile_size: int, single_file_max: int = 0) -> int:
+        grid = Grid.covering("EPSG:32633", Affine(20, 0, 0, 0, -20, 0), width, height, (patch, patch))
+        config = SimpleNamespace(outputs=SimpleNamespace(single_file_max_pixels=single_file_max))
+        return vrt_overview_levels(config, Tiling.for_grid(grid, width, height, tile_size))
+
+    assert levels(768, 384, 192, 384) == 1  # 384 × 192 fits a block
+    assert levels(100_000, 50_000, 192, 2048) == 7  # 8 to fit a block; tiles of 1920 = 2⁷ × 15 px
+    assert levels(100_000, 50_000, 256, 2048) == 8  # tiles of 2048 px: every level whole
+    assert levels(500, 400, 100, 200) == 0  # fits a block at full resolution
+    assert levels(3000, 3000, 256, 4096) == 0  # one tile: it is the map's COG, GDAL's own levels
+    assert levels(768, 384, 192, 384, single_file_max=10**9) == 0  # the single COG has them

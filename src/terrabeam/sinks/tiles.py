@@ -91,10 +91,14 @@ def records_file_name(stem: str, tiling: Tiling, tile: int) -> str:
 
 
 def cog_options(
-    layer: MapLayer, compression: str, level: int | None, overviews: bool = True
+    layer: MapLayer,
+    compression: str,
+    level: int | None,
+    overviews: bool = True,
+    overview_count: int | None = None,
 ) -> dict[str, str]:
     """GDAL COG driver options: the codec, 512 px blocks, overviews resampled as the layer needs
-    (or none), compression on every core."""
+    (GDAL's number of levels, ``overview_count`` of them, or none), compression on every core."""
     options = {
         "COMPRESS": compression.upper(),
         "BLOCKSIZE": "512",
@@ -103,6 +107,8 @@ def cog_options(
     }
     if not overviews:
         options["OVERVIEWS"] = "NONE"
+    elif overview_count:
+        options["OVERVIEW_COUNT"] = str(overview_count)
     if level is None and compression == "zstd":
         level = 1
     if level is not None and compression in ("zstd", "deflate"):
@@ -307,7 +313,9 @@ class _TileFile:
                 source = self._raw_vrt(layer)
                 name = tile_file_name(sink.stem, layer, sink.tiling, self.tile)
                 partial = self.scratch / f"{name}.partial"
-                options = cog_options(layer, sink.compression, sink.compression_level, sink.overviews)
+                options = cog_options(
+                    layer, sink.compression, sink.compression_level, sink.overviews, sink.overview_count
+                )
                 with _encoding_guard(sink.overviews):
                     rasterio.shutil.copy(source, partial, driver="COG", **options)
                 sidecar = partial.with_name(f"{partial.name}.aux.xml")  # GDAL's: class names
@@ -341,6 +349,8 @@ class WriteMapTiles(beam.DoFn):
     all are published).
     Without ``overviews`` the tiles are COGs of full resolution only: for a map whose single COG,
     assembled from the tiles, carries the overviews (they cost about 2/3 of a tile's encoding).
+    ``overview_count``: that many levels in every tile, small ones too, so that the mosaic's VRT
+    can expose them (sinks/mosaic.py); otherwise GDAL's own count.
     """
 
     # One tile encoded behind the model: ~1.4x faster whole runs with the light model (I/O-bound),
@@ -361,9 +371,11 @@ class WriteMapTiles(beam.DoFn):
         with_records: bool = False,
         overviews: bool = True,
         tags: dict[str, str] | None = None,
+        overview_count: int | None = None,
     ) -> None:
         self.out_dir = out_dir
         self.overviews = overviews
+        self.overview_count = overview_count
         self.tags = dict(tags or {})
         self.with_records = with_records
         self.compression, self.compression_level = compression
@@ -478,10 +490,21 @@ class WriteMap(beam.PTransform):
         with_records: bool = False,
         overviews: bool = True,
         tags: dict[str, str] | None = None,
+        overview_count: int | None = None,
     ) -> None:
         super().__init__()
         self.sink = WriteMapTiles(
-            out_dir, stem, layers, tiling, polygon, compression, group_by_tile, with_records, overviews, tags
+            out_dir,
+            stem,
+            layers,
+            tiling,
+            polygon,
+            compression,
+            group_by_tile,
+            with_records,
+            overviews,
+            tags,
+            overview_count,
         )
         self.group_by_tile = group_by_tile
 

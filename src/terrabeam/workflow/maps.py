@@ -145,6 +145,7 @@ def write_map(
             with_records,
             overviews=tile_overviews(config, tiling),
             tags=tags,
+            overview_count=vrt_overview_levels(config, tiling) or None,
         )
         pattern = re.compile(rf"^{re.escape(stem)}-{re.escape(layers[-1].stem)}-r\d+c\d+\.tif$")
 
@@ -265,6 +266,22 @@ def single_file(config: PipelineConfig, tiling: Tiling) -> bool:
     return tiling.region_width * tiling.region_height <= config.outputs.single_file_max_pixels
 
 
+def vrt_overview_levels(config: PipelineConfig, tiling: Tiling) -> int:
+    """Overview levels the VRT of a VRT-only map of several tiles exposes, made of the tiles' own
+    (0 for any other map): halvings until the region fits one 512 px block, as GDAL's COG driver
+    counts, but only while tile edges stay on whole pixels of the level (a tile's sides divisible
+    by its factor). Without them a zoomed-out read of the VRT decodes every tile in full."""
+    if tiling.count == 1 or single_file(config, tiling):
+        return 0
+    width, height, levels = tiling.region_width, tiling.region_height, 0
+    while max(width, height) > 512:
+        width, height, levels = -(-width // 2), -(-height // 2), levels + 1
+    grid = tiling.grid
+    sides = (tiling.patches_x * grid.patch_width, tiling.patches_y * grid.patch_height)
+    whole = min((side & -side).bit_length() - 1 for side in sides)  # factors of 2 in each side
+    return min(levels, whole)
+
+
 def tile_overviews(config: PipelineConfig, tiling: Tiling) -> bool:
     """Tiles carry overviews unless a single COG assembled from several of them carries them (a
     single tile is that COG itself)."""
@@ -291,8 +308,9 @@ def _mosaic(
     jobs = []
     class_map = None
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        levels = vrt_overview_levels(config, tiling)
         for layer in layers:
-            vrt = write_vrt(work / f"{stem}-{layer.stem}.vrt", stem, layer, tiling, tags)
+            vrt = write_vrt(work / f"{stem}-{layer.stem}.vrt", stem, layer, tiling, tags, levels)
             if layer.stem == "classes":
                 class_map = vrt
                 if not outputs.class_map:
