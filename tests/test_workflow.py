@@ -267,6 +267,7 @@ def test_vrt_overview_levels_stop_where_tile_edges_leave_whole_pixels():
     assert levels(768, 384, 192, 384) == 1  # 384 × 192 fits a block
     assert levels(100_000, 50_000, 192, 2048) == 7  # 8 to fit a block; tiles of 1920 = 2⁷ × 15 px
     assert levels(100_000, 50_000, 256, 2048) == 8  # tiles of 2048 px: every level whole
+    assert levels(100_000, 50_000, 150, 2048) == 0  # 1950 px: 1 whole level, GDAL gives a tile 2
     assert levels(500, 400, 100, 200) == 0  # fits a block at full resolution
     assert levels(3000, 3000, 256, 4096) == 0  # one tile: it is the map's COG, GDAL's own levels
     assert levels(768, 384, 192, 384, single_file_max=10**9) == 0  # the single COG has them

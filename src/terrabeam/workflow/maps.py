@@ -270,16 +270,23 @@ def vrt_overview_levels(config: PipelineConfig, tiling: Tiling) -> int:
     """Overview levels the VRT of a VRT-only map of several tiles exposes, made of the tiles' own
     (0 for any other map): halvings until the region fits one 512 px block, as GDAL's COG driver
     counts, but only while tile edges stay on whole pixels of the level (a tile's sides divisible
-    by its factor). Without them a zoomed-out read of the VRT decodes every tile in full."""
+    by its factor). Without them a zoomed-out read of the VRT decodes every tile in full. 0 too
+    where that would leave a tile fewer levels than GDAL gives it alone."""
     if tiling.count == 1 or single_file(config, tiling):
         return 0
-    width, height, levels = tiling.region_width, tiling.region_height, 0
-    while max(width, height) > 512:
-        width, height, levels = -(-width // 2), -(-height // 2), levels + 1
     grid = tiling.grid
     sides = (tiling.patches_x * grid.patch_width, tiling.patches_y * grid.patch_height)
     whole = min((side & -side).bit_length() - 1 for side in sides)  # factors of 2 in each side
-    return min(levels, whole)
+    levels = min(_halvings_to_a_block(tiling.region_width, tiling.region_height), whole)
+    return levels if levels >= _halvings_to_a_block(*sides) else 0
+
+
+def _halvings_to_a_block(width: int, height: int) -> int:
+    """Overview levels GDAL's COG driver makes for ``width`` × ``height``: until 512 px fit both."""
+    levels = 0
+    while max(width, height) > 512:
+        width, height, levels = -(-width // 2), -(-height // 2), levels + 1
+    return levels
 
 
 def tile_overviews(config: PipelineConfig, tiling: Tiling) -> bool:
