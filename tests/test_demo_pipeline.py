@@ -116,20 +116,15 @@ def test_tiles_and_vrt_give_the_single_cog(demo_run):
             np.testing.assert_array_equal(tile.read(), cog.read(window=((0, 384), (384, 768))))
 
 
-def test_a_vrt_only_map_exposes_its_tiles_overviews(demo_run, tmp_path, demo_data):
+def test_a_vrt_only_map_exposes_its_tiles_overviews(demo_run, demo_copy, tmp_path):
     """Real data: the same run without a single COG (``outputs.single_file_max_pixels: 0``) gives
     tiles with one overview level each and a VRT that exposes them; its overview equals the overview
     GDAL computed over the whole mosaic for the shared run's single COG."""
-    from conftest import DEMO_CONFIG
-
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        DEMO_CONFIG.read_text()
-        .replace("../data/demo", str(demo_data))
-        .replace("workspace: ../workspace", f"workspace: {tmp_path / 'ws'}")
-        .replace("outputs:\n", "outputs:\n  tile_size: 384\n  single_file_max_pixels: 0\n")
+    text = demo_copy.read_text()
+    demo_copy.write_text(
+        text.replace("outputs:\n", "outputs:\n  tile_size: 384\n  single_file_max_pixels: 0\n")
     )
-    assert main(["run", str(config), "--run", "vrt"]) == 0
+    assert main(["run", str(demo_copy), "--run", "vrt"]) == 0
     deliver = tmp_path / "ws" / "vrt" / "deliver"
     assert not (deliver / "sentinel2-cloudmask-classes.tif").exists()
     for layer in ("classes", "probabilities"):
