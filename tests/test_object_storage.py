@@ -245,3 +245,28 @@ def test_whole_run_on_portable_workers_with_rasters_and_workspace_on_s3(tmp_path
         body = s3.get_object(Bucket=BUCKET, Key=f"ws/r1/deliver/{output.name}")["Body"].read()
         (fetched / output.name).write_bytes(body)
         assert_same_map(fetched / output.name, output)
+
+
+def test_workers_tiles_are_kept_only_under_this_runs_stamp(s3):
+    """The map's tiles the workers left in the bucket are reused by a resumed run only under the
+    same stamp (config, inputs, tile format); tiles without one, or under another, are deleted."""
+    from terrabeam.workflow.maps import _match_remote_tiles
+
+    folder = f"s3://{BUCKET}/ws/r/.deliver.work/tiles"
+    prefix = "ws/r/.deliver.work/tiles/"
+
+    def put(name):
+        s3.put_object(Bucket=BUCKET, Key=f"{prefix}{name}", Body=b"tile")
+
+    def names():
+        listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+        return sorted(o["Key"].removeprefix(prefix) for o in listed)
+
+    put("m-classes-r0000c0000.tif")  # written before stamps (an older terrabeam)
+    assert _match_remote_tiles(folder, "one") == []
+    assert names() == [".source"]
+    put("m-classes-r0000c0000.tif")
+    assert _match_remote_tiles(folder, "one") == ["m-classes-r0000c0000.tif"]  # resumed: kept
+    assert names() == [".source", "m-classes-r0000c0000.tif"]
+    assert _match_remote_tiles(folder, "two") == []  # another config, input or tile format
+    assert names() == [".source"]

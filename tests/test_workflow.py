@@ -271,3 +271,24 @@ def test_vrt_overview_levels_stop_where_tile_edges_leave_whole_pixels():
     assert levels(500, 400, 100, 200) == 0  # fits a block at full resolution
     assert levels(3000, 3000, 256, 4096) == 0  # one tile: it is the map's COG, GDAL's own levels
     assert levels(768, 384, 192, 384, single_file_max=10**9) == 0  # the single COG has them
+
+
+def test_tiles_of_another_tile_format_are_not_kept(tmp_path, tiny_pipeline, monkeypatch):
+    """A map's work folder keeps its tiles for a resume by the same terrabeam; one whose tiles
+    differ (TILE_FORMAT, e.g. a newer version with more overview levels) starts them again."""
+    from terrabeam.sinks import tiles
+    from terrabeam.workflow.maps import _match_work, work_identity
+
+    document, write = tiny_pipeline
+    config = load_config(write())
+    work = tmp_path / "work"
+    work.mkdir()
+    _match_work(work, work_identity(config, "inputs"))
+    (work / "tiles").mkdir()
+    (work / "tiles" / "tiny-classes-r0000c0000.tif").write_bytes(b"tile")
+    _match_work(work, work_identity(config, "inputs"))
+    assert (work / "tiles" / "tiny-classes-r0000c0000.tif").exists()
+    monkeypatch.setattr(tiles, "TILE_FORMAT", tiles.TILE_FORMAT + 1)
+    _match_work(work, work_identity(config, "inputs"))
+    assert sorted(p.name for p in work.iterdir()) == [".source"]
+    assert work_identity(config, "inputs") != work_identity(config, "other inputs")

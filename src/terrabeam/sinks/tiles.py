@@ -40,6 +40,12 @@ from terrabeam.tiling import Tiling
 
 CLASS_NODATA = 255
 
+# What the tiles a run writes look like (encoding, overview levels, tags), for the work folder's
+# stamp: a run resumed by a terrabeam whose tiles differ starts its tiles again instead of mixing
+# them with the old ones (the mosaic's level VRTs name levels that older tiles lack). Bump it
+# whenever the tile writer's output changes. 2: every tile of a VRT-only map has OVERVIEW_COUNT.
+TILE_FORMAT = 2
+
 
 @dataclass(frozen=True)
 class MapLayer:

@@ -33,6 +33,7 @@ from terrabeam.process_memory import release_free_memory
 from terrabeam.progress import published_progress
 from terrabeam.provenance import Provenance
 from terrabeam.region import projected_geometry
+from terrabeam.sinks import tiles as tile_writer
 from terrabeam.sinks.mosaic import TILES_FOLDER, write_single_cog, write_vrt
 from terrabeam.sinks.quicklook import Backdrop, QuicklookStyle, write_quicklook
 from terrabeam.sinks.shards import AssembleShard, records_per_shard, shard_ranges
@@ -76,6 +77,14 @@ class MapResult:
         } | ({"stac_item": self.stac_item} if self.stac_item else {})
 
 
+def work_identity(config: PipelineConfig, inputs: str) -> str:
+    """The stamp of a map's work folder: the config, what the tiles are made from, and how this
+    terrabeam writes tiles (``TILE_FORMAT``, so a resume by another version keeps no tile of a
+    different shape)."""
+    text = f"{config.fingerprint()}\n{inputs}\ntile format {tile_writer.TILE_FORMAT}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _match_work(work: Path, identity: str) -> None:
     """Empty the work folder if it was made for another config or input (its ``.source`` stamp)."""
     stamp = work / ".source"
@@ -84,6 +93,21 @@ def _match_work(work: Path, identity: str) -> None:
     for path in sorted(work.rglob("*"), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()
     stamp.write_text(identity)
+
+
+def _match_remote_tiles(folder: str, identity: str) -> list[str]:
+    """The names of the tiles the workers wrote to ``folder`` (a URI) for this stamp; tiles there
+    without it (another config, input or tile format; or written before stamps) are deleted."""
+    from terrabeam import storage
+
+    listed = [path for path, _ in storage.list_files(f"{folder}/")]
+    stamp = f"{folder}/.source"
+    if stamp in listed and storage.read_bytes(stamp).decode() == identity:
+        return [Path(path).name for path in listed if path != stamp]
+    if listed:
+        storage.delete(listed)
+    storage.write_bytes(stamp, identity.encode())
+    return []
 
 
 def write_map(
@@ -116,14 +140,13 @@ def write_map(
     flags = pipeline_flags(config, beam_args)
     spread = config.predict.should_reshuffle(flags)
     work = workspace.work_dir("deliver")
-    _match_work(work, hashlib.sha256(f"{config.fingerprint()}\n{identity}".encode()).hexdigest())
+    stamp = work_identity(config, identity)
+    _match_work(work, stamp)
     tiles_dir = work / TILES_FOLDER
     tiles_dir.mkdir(exist_ok=True)
     for partial in tiles_dir.glob("*.partial"):
         partial.unlink()
-    from terrabeam import storage
-
-    names = [Path(p).name for p, _ in storage.list_files(f"{remote_tiles}/")] if remote_tiles else []
+    names = _match_remote_tiles(remote_tiles, stamp) if remote_tiles else []
     names += [p.name for p in tiles_dir.iterdir()]
     done = finished_tiles(names, stem, layers, tiling, with_records)
     todo = [tile for tile in range(tiling.count) if tile not in done]
