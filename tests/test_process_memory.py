@@ -1,16 +1,19 @@
 """What a finished phase leaves in memory is handed back: GDAL's block cache is emptied and its
-limit restored. Synthetic raster; GDAL's own counters, read through the libgdal rasterio loaded."""
+limit restored; the model a map's pipeline loaded is gone before its mosaic. Synthetic raster and
+model (tiny_pipeline); GDAL's own counters, read through the libgdal rasterio loaded."""
 
 from __future__ import annotations
 
 import ctypes
+import gc
 from pathlib import Path
 
 import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
-from terrabeam.process_memory import empty_gdal_cache, release_free_memory
+from terrabeam.cli import main
+from terrabeam.process_memory import collected_after, empty_gdal_cache, release_free_memory
 
 
 def _libgdal() -> ctypes.CDLL:
@@ -36,3 +39,51 @@ def test_empty_gdal_cache_drops_the_blocks_and_keeps_the_limit(tmp_path):
         assert gdal.GDALGetCacheMax64() == 64 * 2**20
         assert (ds.read(1) == 1).all()  # and the dataset reads on
     release_free_memory(collect=False)  # returns; malloc_trim is best effort
+
+
+def _sessions(model: Path) -> int:
+    """ONNX Runtime sessions of ``model`` among the objects Python's collector tracks (garbage not
+    yet collected included)."""
+    import onnxruntime as ort
+
+    return sum(
+        1
+        for o in gc.get_objects()
+        if isinstance(o, ort.InferenceSession)
+        and isinstance(o._model_path, str)
+        and Path(o._model_path).resolve() == model.resolve()
+    )
+
+
+def test_the_model_is_gone_before_the_mosaic(tiny_pipeline, monkeypatch):
+    """The map step's pipeline ran in this process; when its mosaic starts, no session of the model
+    is left: not the probe's, not the one Beam's Shared map keeps alive, not one held by the
+    pipeline's uncollected bundle processors."""
+    from terrabeam.workflow import maps
+
+    document, write = tiny_pipeline
+    model = Path(document["model"]["path"])
+    at_mosaic = []
+    mosaic = maps._mosaic
+
+    def counting(*args, **kwargs):
+        at_mosaic.append(_sessions(model))
+        return mosaic(*args, **kwargs)
+
+    monkeypatch.setattr(maps, "_mosaic", counting)
+    assert main(["run", str(write()), "--run", "r"]) == 0
+    assert at_mosaic == [0]
+
+
+def test_collected_after_collects_the_cycles_the_block_made_and_unfreezes():
+    class Node:
+        pass
+
+    before = gc.get_freeze_count()
+    with collected_after():
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a reference cycle
+        ids = {id(a), id(b)}
+        del a, b
+    assert not any(id(o) in ids and isinstance(o, Node) for o in gc.get_objects())
+    assert gc.get_freeze_count() == before == 0  # everything collectable as usual again

@@ -93,6 +93,24 @@ def forget_probed() -> None:
     _probed.clear()
 
 
+def release_models() -> None:
+    """Drop the models a finished in-process pipeline leaves loaded: the probe's if nobody took it,
+    and the one Beam's ``Shared`` map keeps alive after the pipeline (its ``_keepalive``: the last
+    object any ``Shared`` handle acquired, which RunInference's model is). Without this the U-Net's
+    ONNX Runtime session, ~350 MiB with its arena, stays through the mosaic, whose COG buffers
+    come on top of it (the run's peak at 16× and 64×, BENCHMARKS.md). A model another pipeline
+    in this process still uses stays: its DoFn holds it."""
+    forget_probed()
+    from apache_beam.utils import shared
+
+    keeper = getattr(shared, "_shared_map", None)
+    if keeper is not None and hasattr(
+        keeper, "_keepalive"
+    ):  # Beam's private attribute: if gone, nothing kept
+        with keeper._lock:
+            keeper._keepalive = (None, None)
+
+
 class PatchModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
     """Beam ModelHandler for any framework: loaded once per worker (or per machine with
     model.share_across_processes), batched by whole patches. The engine, device and precision are

@@ -30,7 +30,7 @@ from terrabeam.predict.io import (
     ReadKeyedRecords,
     WritePredictionShards,
 )
-from terrabeam.predict.models import PatchModelHandler, forget_probed, probe_model
+from terrabeam.predict.models import PatchModelHandler, probe_model, release_models
 from terrabeam.region import TrueRegion, projected_geometry
 from terrabeam.storage import list_files
 from terrabeam.tfrecord import count_records
@@ -225,7 +225,7 @@ def run_predict(
             result = pipeline.run()
             result.wait_until_finish()
         finally:
-            forget_probed()  # the probe's model, if the pipeline ran elsewhere
+            release_models()  # the probe's (if the pipeline ran elsewhere) and Beam's
         counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
         totals = {c.key.metric.name: c.committed or c.attempted or 0 for c in counters}
         read, written = totals.get("records_read", 0), totals.get("records_written", 0)

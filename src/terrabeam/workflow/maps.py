@@ -27,9 +27,9 @@ from terrabeam import NAMESPACE, beam_local
 from terrabeam.config import PipelineConfig
 from terrabeam.errors import ConfigError, RecordCountError
 from terrabeam.layout import ExportManifest, manifest_path, mixer_path, shard_name
-from terrabeam.predict.models import forget_probed
+from terrabeam.predict.models import release_models
 from terrabeam.predict.pipeline import pipeline_flags
-from terrabeam.process_memory import release_free_memory
+from terrabeam.process_memory import collected_after, release_free_memory
 from terrabeam.progress import published_progress
 from terrabeam.provenance import Provenance
 from terrabeam.region import projected_geometry
@@ -177,12 +177,14 @@ def write_map(
                 1 for p in tiles_dir.iterdir() if pattern.match(p.name) and p.name not in names
             )
 
-        with published_progress("map", tiling.count, "tile", published):
+        # the model goes with the pipeline's cycles (with it the mosaic's COGs peaked at 16× and
+        # 64× ~350 MiB higher; BENCHMARKS.md)
+        with published_progress("map", tiling.count, "tile", published), collected_after():
             try:
                 result = pipeline.run()
                 result.wait_until_finish()
             finally:
-                forget_probed()  # the probe's model, if the pipeline ran elsewhere
+                release_models()  # the probe's (if the pipeline ran elsewhere) and Beam's
         counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
         written, skipped = (
             sum(c.committed or c.attempted or 0 for c in counters if c.key.metric.name == name)
