@@ -87,3 +87,22 @@ def test_collected_after_collects_the_cycles_the_block_made_and_unfreezes():
         del a, b
     assert not any(id(o) in ids and isinstance(o, Node) for o in gc.get_objects())
     assert gc.get_freeze_count() == before == 0  # everything collectable as usual again
+
+
+def test_malloc_arenas_are_capped_for_children_unless_the_user_chose(monkeypatch):
+    """The cap reaches the processes a run starts (glibc reads MALLOC_ARENA_MAX as they start); a
+    value already in the environment is the user's and stays."""
+    import subprocess
+    import sys
+
+    from terrabeam.process_memory import MALLOC_ARENAS, limit_malloc_arenas
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    limit_malloc_arenas()
+    child = [sys.executable, "-c", "import os; print(os.environ['MALLOC_ARENA_MAX'])"]
+    assert subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip() == str(
+        MALLOC_ARENAS
+    )
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    limit_malloc_arenas()
+    assert subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip() == "4"

@@ -556,6 +556,9 @@ def _interruptible() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from terrabeam.process_memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before any pipeline, model or GDAL thread starts
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     check_extra_arguments(args, extra)
