@@ -23,8 +23,8 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
 
     glibc gives threads arenas of their own, up to 8 per core, and each keeps memory its thread
     freed; a run's reader, writer, model and compression threads spread a tile's arrays over many,
-    so its memory crept up through each tile (U-Net, 16× demo scene: peak 741 MiB with glibc's
-    default, 625 MiB with 2 arenas, run time unchanged; BENCHMARKS.md). A MALLOC_ARENA_MAX the
+    so its memory crept up through each tile (U-Net, 16× the demo scene: median peak 741 MiB with
+    glibc's default, 625 MiB with 2 arenas, run time unchanged; BENCHMARKS.md). A MALLOC_ARENA_MAX the
     user set wins. Call before threads start; arenas already made stay."""
     if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
         return

@@ -97,16 +97,15 @@ def release_models() -> None:
     """Drop the models a finished in-process pipeline leaves loaded: the probe's if nobody took it,
     and the one Beam's ``Shared`` map keeps alive after the pipeline (its ``_keepalive``: the last
     object any ``Shared`` handle acquired, which RunInference's model is). Without this the U-Net's
-    ONNX Runtime session, ~350 MiB with its arena, stays through the mosaic, whose COG buffers
-    come on top of it (the run's peak at 16× and 64×, BENCHMARKS.md). A model another pipeline
-    in this process still uses stays: its DoFn holds it."""
+    ONNX Runtime session, ~400 MiB with its arena, stayed through the mosaic, whose COG buffers
+    came on top of it (the 64× run's peak, BENCHMARKS.md). A model another pipeline in this
+    process still uses stays: its DoFn holds it."""
     forget_probed()
     from apache_beam.utils import shared
 
+    # a private attribute of Beam's: where it is gone, nothing is kept alive this way
     keeper = getattr(shared, "_shared_map", None)
-    if keeper is not None and hasattr(
-        keeper, "_keepalive"
-    ):  # Beam's private attribute: if gone, nothing kept
+    if keeper is not None and hasattr(keeper, "_keepalive"):
         with keeper._lock:
             keeper._keepalive = (None, None)
 

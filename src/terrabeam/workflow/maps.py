@@ -177,8 +177,8 @@ def write_map(
                 1 for p in tiles_dir.iterdir() if pattern.match(p.name) and p.name not in names
             )
 
-        # the model goes with the pipeline's cycles (with it the mosaic's COGs peaked at 16× and
-        # 64× ~350 MiB higher; BENCHMARKS.md)
+        # the model goes with the pipeline's cycles: at 64× the mosaic's COG buffers came on top
+        # of it, the run's peak (BENCHMARKS.md)
         with published_progress("map", tiling.count, "tile", published), collected_after():
             try:
                 result = pipeline.run()
