@@ -298,3 +298,45 @@ def test_the_probe_hands_its_model_to_the_first_load_in_this_process(tmp_path, m
     models.forget_probed()
     handler.load_model()
     assert len(loads) == 4
+
+
+def test_the_model_sees_batches_of_the_configured_size(tmp_path, tiny_pipeline, monkeypatch):
+    """Synthetic scene (12 patches, one tile), batch_size 5: batches 5, 5, 2. Beam's adaptive
+    batching (min 1) would start at 1 and grow, and ONNX Runtime's memory with it."""
+    from terrabeam.predict import models
+
+    document, write = tiny_pipeline
+    document["model"]["batch_size"] = 5
+    sizes: list[int] = []
+    real = models.PatchModelHandler.run_inference
+
+    def recorded(self, batch, model, inference_args=None):
+        sizes.append(len(batch))
+        return real(self, batch, model, inference_args)
+
+    monkeypatch.setattr(models.PatchModelHandler, "run_inference", recorded)
+    assert main(["run", str(write(document)), "--run", "r"]) == 0
+    assert sorted(sizes, reverse=True) == [5, 5, 2]
+
+
+def test_onnx_runtime_on_the_cpu_keeps_no_memory_pattern(tmp_path, monkeypatch):
+    """Synthetic 1×1 conv model: the CPU session is made without ONNX Runtime's memory pattern (a
+    planned block kept per input shape: +42 MiB for the U-Net at batch 4, BENCHMARKS.md)."""
+    import onnxruntime as ort
+    from conftest import write_conv_model
+
+    from terrabeam.predict.engines import Runtime
+    from terrabeam.predict.frameworks import onnx_model
+
+    write_conv_model(tmp_path / "m.onnx", channels=2, outputs=2, kernel=1)
+    made = []
+    real = ort.InferenceSession
+    monkeypatch.setattr(
+        onnx_model.ort, "InferenceSession", lambda *a, **k: made.append(a[1]) or real(*a, **k)
+    )
+    predict = onnx_model.load(
+        str(tmp_path / "m.onnx"), "classification", Runtime("onnxruntime", "cpu", "fp32", 1, 0)
+    )
+    assert predict(np.ones((3, 2, 4, 4), np.float32)).shape == (3, 2, 4, 4)
+    assert [options.enable_mem_pattern for options in made] == [False]
+    assert made[0].intra_op_num_threads == 1

@@ -471,7 +471,7 @@ class ModelConfig(_Strict):
         None,
         description="value for masked pixels in the regression GeoTIFF (default NaN; required for integers)",
     )
-    batch_size: int = Field(4, ge=1, description="patches per model call")
+    batch_size: int = Field(4, ge=1, description="patches per model call (every call but a bundle's last)")
     threads: int = Field(
         0,
         ge=0,

@@ -164,7 +164,12 @@ class PatchModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
         return [PredictionResult(patch, output) for patch, output in zip(batch, outputs, strict=True)]
 
     def batch_elements_kwargs(self) -> dict[str, int]:
-        return {"min_batch_size": 1, "max_batch_size": self._model.batch_size}
+        """Batches of exactly model.batch_size (a bundle's last one may be smaller). Beam's adaptive
+        batching would start each bundle at 1 and grow, so the model's working memory (ONNX
+        Runtime's arena, sized by the shapes it has seen and in what order) varied from run to run
+        by ~100 MiB, and a small region never reached the configured batch (BENCHMARKS.md)."""
+        size = self._model.batch_size
+        return {"min_batch_size": size, "max_batch_size": size}
 
     def get_metrics_namespace(self) -> str:
         return f"terrabeam_{self._model.framework}"
