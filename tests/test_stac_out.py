@@ -155,6 +155,35 @@ def test_quicklook_nodata_is_transparent_and_legend_wraps():
     assert tall.shape[0] > one_line.shape[0]  # wrapped onto more legend lines
 
 
+def test_the_quicklooks_imagery_is_read_beside_the_pipeline(tiny_pipeline, tmp_path, monkeypatch):
+    """Synthetic scene: the imagery under the quicklook is read once, in its own thread, and before
+    the mosaic starts (beside the pipeline, not in the run's tail); the quicklook shows it."""
+    import threading
+
+    from terrabeam.sources import raster
+    from terrabeam.workflow import maps
+
+    document, write = tiny_pipeline
+    document["source"]["bands"]["blue"] = document["source"]["bands"]["green"]  # an RGB to show
+    calls = []
+    read_overview, mosaic = raster.read_overview, maps._mosaic
+
+    def reading(*args, **kwargs):
+        calls.append(("read", threading.current_thread().name, args[-1]))
+        return read_overview(*args, **kwargs)
+
+    def mosaicking(*args, **kwargs):
+        calls.append(("mosaic",))
+        return mosaic(*args, **kwargs)
+
+    monkeypatch.setattr(raster, "read_overview", reading)
+    monkeypatch.setattr(maps, "_mosaic", mosaicking)
+    assert main(["run", str(write(document)), "--run", "r1"]) == 0
+    assert calls == [("read", "terrabeam-quicklook-imagery_0", (50, 70)), ("mosaic",)]
+    image = np.asarray(Image.open(tmp_path / "ws" / "r1" / "deliver" / "tiny-quicklook.png"))
+    assert len(np.unique(image[..., :3].reshape(-1, 3), axis=0)) > 10  # imagery under the classes
+
+
 @pytest.mark.parametrize(
     ("rgb", "message"),
     [(["red", "green"], "needs three bands"), (["red", "green", "ndvi"], "bands with files")],

@@ -126,12 +126,18 @@ def compose_quicklook(
     return np.asarray(canvas), enlarge, title_height, counts
 
 
+def quicklook_shape(width: int, height: int) -> tuple[int, int]:
+    """(height, width) of the quicklook's map part for a map of ``width`` × ``height`` pixels: the
+    map reduced by a whole factor until its longer side is at most MAX_SIDE."""
+    scale = max(1, -(-max(width, height) // MAX_SIDE))
+    return max(1, height // scale), max(1, width // scale)
+
+
 def write_quicklook(class_map: Path, target: Path, style: QuicklookStyle, backdrop: Backdrop | None) -> Path:
     """``target`` (PNG) from the class map (a VRT or COG), with ``.wld`` world file and ``.aux.xml``
     (CRS) beside it, each renamed into place (the PNG last)."""
     with rasterio.open(class_map) as ds:
-        scale = max(1, int(np.ceil(max(ds.width, ds.height) / MAX_SIDE)))
-        shape = (max(1, ds.height // scale), max(1, ds.width // scale))
+        shape = quicklook_shape(ds.width, ds.height)
         labels = ds.read(1, out_shape=shape, resampling=Resampling.nearest)
         crs, transform = ds.crs, ds.transform
         pixel = transform * Affine.scale(ds.width / shape[1], ds.height / shape[0])

@@ -13,8 +13,9 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from terrabeam import NAMESPACE, beam_local
 from terrabeam.config import PipelineConfig
 from terrabeam.errors import ConfigError, RecordCountError
+from terrabeam.gdal_threads import GDAL_IO
 from terrabeam.layout import ExportManifest, manifest_path, mixer_path, shard_name
 from terrabeam.predict.models import release_models
 from terrabeam.predict.pipeline import pipeline_flags
@@ -35,7 +37,7 @@ from terrabeam.provenance import Provenance
 from terrabeam.region import projected_geometry
 from terrabeam.sinks import tiles as tile_writer
 from terrabeam.sinks.mosaic import TILES_FOLDER, write_single_cog, write_vrt
-from terrabeam.sinks.quicklook import Backdrop, QuicklookStyle, write_quicklook
+from terrabeam.sinks.quicklook import Backdrop, QuicklookStyle, quicklook_shape, write_quicklook
 from terrabeam.sinks.shards import AssembleShard, records_per_shard, shard_ranges
 from terrabeam.sinks.stac_items import item_file_name, post_item, write_items
 from terrabeam.sinks.tiles import (
@@ -151,55 +153,57 @@ def write_map(
     done = finished_tiles(names, stem, layers, tiling, with_records)
     todo = [tile for tile in range(tiling.count) if tile not in done]
     skipped = 0
-    if todo:
-        pipeline = beam_local.pipeline(PipelineOptions(flags))
-        predictions = source(pipeline, todo, spread)
-        target = remote_tiles or str(tiles_dir)
-        polygon = projected_geometry(config, tiling.grid.crs)
-        compression = (config.outputs.compression, config.outputs.compression_level)
-        _ = predictions | "WriteMap" >> WriteMap(
-            target,
-            stem,
-            layers,
-            tiling,
-            polygon,
-            compression,
-            group_by_tile and spread,
-            with_records,
-            overviews=tile_overviews(config, tiling),
-            tags=tags,
-            overview_count=vrt_overview_levels(config, tiling) or None,
-        )
-        pattern = re.compile(rf"^{re.escape(stem)}-{re.escape(layers[-1].stem)}-r\d+c\d+\.tif$")
-
-        def published() -> int:
-            return len(done) + sum(
-                1 for p in tiles_dir.iterdir() if pattern.match(p.name) and p.name not in names
+    # the quicklook's imagery is read from now on, beside the pipeline
+    with _quicklook_ahead(config, tiling, layers, made, source_items) as quicklook:
+        if todo:
+            pipeline = beam_local.pipeline(PipelineOptions(flags))
+            predictions = source(pipeline, todo, spread)
+            target = remote_tiles or str(tiles_dir)
+            polygon = projected_geometry(config, tiling.grid.crs)
+            compression = (config.outputs.compression, config.outputs.compression_level)
+            _ = predictions | "WriteMap" >> WriteMap(
+                target,
+                stem,
+                layers,
+                tiling,
+                polygon,
+                compression,
+                group_by_tile and spread,
+                with_records,
+                overviews=tile_overviews(config, tiling),
+                tags=tags,
+                overview_count=vrt_overview_levels(config, tiling) or None,
             )
+            pattern = re.compile(rf"^{re.escape(stem)}-{re.escape(layers[-1].stem)}-r\d+c\d+\.tif$")
 
-        # the model goes with the pipeline's cycles: at 64× the mosaic's COG buffers came on top
-        # of it, the run's peak (BENCHMARKS.md)
-        with published_progress("map", tiling.count, "tile", published), collected_after():
-            try:
-                result = pipeline.run()
-                result.wait_until_finish()
-            finally:
-                release_models()  # the probe's (if the pipeline ran elsewhere) and Beam's
-        counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
-        written, skipped = (
-            sum(c.committed or c.attempted or 0 for c in counters if c.key.metric.name == name)
-            for name in ("tiles_written", "patches_skipped")
-        )
-        if written != len(todo):
-            raise RecordCountError(f"map: {len(todo)} tiles to write, but the pipeline wrote {written}")
-        # the arrays the pipeline freed (glibc keeps them) are not needed by the mosaic: without
-        # this its COGs start from the pipeline's peak (16× demo scene: 868 MiB peak in the mosaic
-        # before, 748 after; BENCHMARKS.md). GDAL's cache is already empty: the workers' teardown
-        # closed the source datasets.
-        release_free_memory(collect=False)
-    if remote_tiles:
-        _fetch_tiles(remote_tiles, tiles_dir, stem, layers, tiling)
-    outputs = _mosaic(config, work, tiling, layers, made, source_items)
+            def published() -> int:
+                return len(done) + sum(
+                    1 for p in tiles_dir.iterdir() if pattern.match(p.name) and p.name not in names
+                )
+
+            # the model goes with the pipeline's cycles: at 64× the mosaic's COG buffers came on top
+            # of it, the run's peak (BENCHMARKS.md)
+            with published_progress("map", tiling.count, "tile", published), collected_after():
+                try:
+                    result = pipeline.run()
+                    result.wait_until_finish()
+                finally:
+                    release_models()  # the probe's (if the pipeline ran elsewhere) and Beam's
+            counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+            written, skipped = (
+                sum(c.committed or c.attempted or 0 for c in counters if c.key.metric.name == name)
+                for name in ("tiles_written", "patches_skipped")
+            )
+            if written != len(todo):
+                raise RecordCountError(f"map: {len(todo)} tiles to write, but the pipeline wrote {written}")
+            # the arrays the pipeline freed (glibc keeps them) are not needed by the mosaic: without
+            # this its COGs start from the pipeline's peak (16× demo scene: 868 MiB peak in the mosaic
+            # before, 748 after; BENCHMARKS.md). GDAL's cache is already empty: the workers' teardown
+            # closed the source datasets.
+            release_free_memory(collect=False)
+        if remote_tiles:
+            _fetch_tiles(remote_tiles, tiles_dir, stem, layers, tiling)
+        outputs = _mosaic(config, work, tiling, layers, tags, quicklook)
     derived_from = [item.href for item in source_items if item.href]
     outputs += write_items(config, work, made, tiling, layers, outputs, derived_from)
     if with_records:
@@ -325,17 +329,16 @@ def _mosaic(
     work: Path,
     tiling: Tiling,
     layers: list[MapLayer],
-    made: Provenance,
-    source_items: Sequence[SourceItem],
+    tags: dict[str, str],
+    quicklook: tuple[QuicklookStyle, Backdrop | None] | None,
 ) -> list[Path]:
-    """VRT per layer, one COG per layer if the region is small enough, the quicklook; the COGs and
-    the quicklook are made side by side in threads (GDAL releases the GIL; on 2 cores ~1.4× faster
-    than one after another, BENCHMARKS.md)."""
+    """VRT per layer, one COG per layer if the region is small enough, the quicklook (``quicklook``:
+    its look and imagery, or None); the COGs and the quicklook are made side by side in threads
+    (GDAL releases the GIL; on 2 cores ~1.4× faster than one after another, BENCHMARKS.md)."""
     outputs = config.outputs
     stem = config.name
     single = single_file(config, tiling)
     compression = (outputs.compression, outputs.compression_level)
-    tags = made.tags()
     written: list[Path] = []
     jobs = []
     class_map = None
@@ -351,13 +354,43 @@ def _mosaic(
             if single:
                 target = work / f"{stem}-{layer.stem}.tif"
                 jobs.append(pool.submit(write_single_cog, vrt, target, stem, layer, tiling, compression))
-        if outputs.quicklook and class_map is not None:
+        if quicklook is not None and class_map is not None:
             path = work / f"{stem}-quicklook.png"
-            jobs.append(
-                pool.submit(write_quicklook, class_map, path, *_quicklook(config, tiling, made, source_items))
-            )
+            jobs.append(pool.submit(write_quicklook, class_map, path, *quicklook))
     written.extend(job.result() for job in jobs)  # all have ended; the first error is raised
     return written
+
+
+@contextmanager
+def _quicklook_ahead(
+    config: PipelineConfig,
+    tiling: Tiling,
+    layers: Sequence[MapLayer],
+    made: Provenance,
+    source_items: Sequence[SourceItem],
+) -> Iterator[tuple[QuicklookStyle, Backdrop | None] | None]:
+    """The quicklook's look and imagery (None without a quicklook), the imagery read in a thread
+    from now on: while the pipeline starts and runs (GDAL releases the GIL) instead of in the
+    mosaic after the last tile (light model, 16× demo scene: 0.2 s of the run's tail,
+    BENCHMARKS.md). The read waits while a tile is written through GDAL's cache (gdal_threads)."""
+    if not config.outputs.quicklook or not any(layer.stem == "classes" for layer in layers):
+        yield None
+        return
+    style, backdrop = _quicklook(config, tiling, made, source_items)
+    if backdrop is None:
+        yield style, None
+        return
+    shape = quicklook_shape(tiling.region_width, tiling.region_height)
+
+    def read() -> tuple:
+        with GDAL_IO.reading():
+            imagery = backdrop(shape)
+        release_free_memory(collect=False)  # the read's buffers: not kept through the pipeline
+        return imagery
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="terrabeam-quicklook-imagery") as pool:
+        ahead = pool.submit(read)
+        yield style, lambda wanted: ahead.result() if wanted == shape else backdrop(wanted)
 
 
 def _quicklook(
