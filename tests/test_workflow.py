@@ -292,3 +292,52 @@ def test_tiles_of_another_tile_format_are_not_kept(tmp_path, tiny_pipeline, monk
     _match_work(work, work_identity(config, "inputs"))
     assert sorted(p.name for p in work.iterdir()) == [".source"]
     assert work_identity(config, "inputs") != work_identity(config, "other inputs")
+
+
+def test_integer_labels_become_the_layer_type_as_rounding_them_would():
+    """Synthetic labels (int64, 255 = masked, out-of-range values): the integer path gives what the
+    float path (round, clip, NaN → nodata) gives for the same values."""
+    import numpy as np
+
+    from terrabeam.sinks.tiles import MapLayer, _as_dtype
+
+    layer = MapLayer("classes", ["class"], "uint8", 255, "mode", ["class"])
+    labels = np.random.default_rng(3).integers(-5, 300, (1, 16, 24)).astype(np.int64)
+    labels[0, :2] = 255
+    fast = _as_dtype(labels, layer)
+    assert fast.dtype == np.uint8
+    assert np.array_equal(fast, _as_dtype(labels.astype(np.float64), layer))
+
+
+def test_derived_needed_follows_chains_in_configuration_order():
+    from terrabeam.config import derived_needed
+
+    derived = {"ndvi": "(nir - red) / (nir + red)", "a": "red * 2", "b": "a + ndvi", "c": "green + 1"}
+    assert derived_needed(derived, ["blue", "b"]) == {
+        "ndvi": derived["ndvi"],
+        "a": "red * 2",
+        "b": "a + ndvi",
+    }
+    assert derived_needed(derived, ["red"]) == {}
+
+
+def test_a_map_computes_only_the_derived_bands_the_model_uses(tmp_path, tiny_pipeline, monkeypatch):
+    """Synthetic scene: `ratio` is a model input, `ndvi` is not; the map's readers evaluate `ratio`
+    alone (the export step, which writes every band, still evaluates both)."""
+    from terrabeam.sources import raster
+
+    document, write = tiny_pipeline
+    document["source"]["derived"] = {"ndvi": "(nir - red) / (nir + red)", "ratio": "nir / (red + 1)"}
+    document["model"]["input_bands"] = ["red", "green", "ratio"]
+    evaluated = []
+    evaluate = raster.numexpr.evaluate
+    monkeypatch.setattr(
+        raster.numexpr,
+        "evaluate",
+        lambda expression, **kw: evaluated.append(expression) or evaluate(expression, **kw),
+    )
+    assert main(["run", str(write(document)), "--run", "r"]) == 0
+    assert evaluated and set(evaluated) == {"nir / (red + 1)"}
+    evaluated.clear()
+    assert main(["export", str(write(document)), "--run", "e"]) == 0
+    assert set(evaluated) == {"nir / (red + 1)", "(nir - red) / (nir + red)"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -65,6 +65,16 @@ def check_derived(bands: list[str], derived: dict[str, str]) -> None:
                 f"derived.{name}: {expression!r} uses unknown band(s) {unknown}; known before it: {known}"
             )
         known.append(name)
+
+
+def derived_needed(derived: dict[str, str], wanted: Iterable[str]) -> dict[str, str]:
+    """The derived bands that ``wanted`` bands need: those named and the derived bands their
+    expressions use, in configuration order (a map's pipeline computes no other)."""
+    needed = set(wanted)
+    for name, expression in reversed(derived.items()):
+        if name in needed:
+            needed.update(numexpr.necompiler.getExprNames(expression, {})[0])
+    return {name: expression for name, expression in derived.items() if name in needed}
 
 
 class RasterSource(_Strict):

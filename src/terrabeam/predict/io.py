@@ -148,8 +148,11 @@ class PostProcess(beam.DoFn):
             core = np.exp(core - core.max(axis=0, keepdims=True))
             core /= core.sum(axis=0, keepdims=True)
         valid = np.isfinite(core).all(axis=0)
-        labels = np.argmax(np.where(valid, core, 0), axis=0).astype(np.int64)
-        labels[~valid] = NODATA_CLASS
+        if valid.all():  # most patches: no masked pixel
+            labels = np.argmax(core, axis=0).astype(np.int64)
+        else:
+            labels = np.argmax(np.where(valid, core, 0), axis=0).astype(np.int64)
+            labels[~valid] = NODATA_CLASS
         features = {"class": labels}
         for i, name in enumerate(self.names):
             features[f"prob_{name}"] = core[i]

@@ -189,6 +189,8 @@ def _as_dtype(values: np.ndarray, layer: MapLayer) -> np.ndarray:
     if np.issubdtype(np.dtype(layer.dtype), np.floating):
         return values.astype(layer.dtype, copy=False)
     info = np.iinfo(layer.dtype)
+    if np.issubdtype(values.dtype, np.integer):  # class labels: nothing to round, no NaN
+        return np.clip(values, info.min, info.max).astype(layer.dtype)
     rounded = np.clip(np.rint(values), info.min, info.max)
     return np.where(np.isnan(values), layer.nodata, rounded).astype(layer.dtype)
 

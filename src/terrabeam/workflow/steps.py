@@ -28,7 +28,7 @@ import rasterio
 from rasterio.crs import CRS
 
 from terrabeam import storage
-from terrabeam.config import PipelineConfig
+from terrabeam.config import PipelineConfig, derived_needed
 from terrabeam.errors import ConfigError, GridMismatchError, NoDataError, TerrabeamError
 from terrabeam.grid import Grid
 from terrabeam.layout import ExportManifest, list_shards, manifest_path, mixer_path
@@ -242,6 +242,10 @@ def map_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[s
     between (the model was probed before). A STAC window without Items raises NoDataError."""
     kw, kh = config.grid.kernel_size
     open_reader, items = None, None
+    reading = config  # what the workers read: derived bands only where the model needs them
+    if config.source.kind != "earthengine":
+        needed = derived_needed(config.source.derived, config.model.input_bands)
+        reading = config.model_copy(update={"source": config.source.model_copy(update={"derived": needed})})
     if config.source.kind == "earthengine":  # fetched by computePixels (one_pipeline)
         grid, region = stated_grid(config)
         dates = composite_dates(config, workspace)
@@ -255,7 +259,7 @@ def map_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[s
         if not items:
             window = "/".join(workspace.window) if workspace.window else "any time"
             raise NoDataError(f"no STAC Items for the region in window {window}; nothing to predict")
-        open_reader = partial(StacPatchReader, config, grid, (kw, kh), items)
+        open_reader = partial(StacPatchReader, reading, grid, (kw, kh), items)
         inputs = "\n".join(f"{item.id} {item.datetime}" for item in items)
     else:
         grid, region = export_grid(config)
@@ -268,7 +272,7 @@ def map_step(config: PipelineConfig, workspace: Workspace, beam_args: Sequence[s
     def source(pipeline: beam.Pipeline, tiles: list[int], spread: bool) -> beam.PCollection:
         return (
             pipeline
-            | "ReadRasterPatches" >> ReadRasterPatches(config, grid, tiling, tiles, spread, open_reader)
+            | "ReadRasterPatches" >> ReadRasterPatches(reading, grid, tiling, tiles, spread, open_reader)
             | "Predict"
             >> PredictPatches(
                 config, model_path, grid, (kw // 2, kh // 2), (region.width, region.height), threads
