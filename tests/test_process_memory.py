@@ -106,3 +106,22 @@ def test_malloc_arenas_are_capped_for_children_unless_the_user_chose(monkeypatch
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     limit_malloc_arenas()
     assert subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip() == "4"
+
+
+def test_a_run_makes_no_full_collection_after_its_last_step(tiny_pipeline, monkeypatch):
+    """A full collection with Beam loaded takes ~0.1 s; after a run's last step nothing needs the
+    memory, so only the map step's own (frozen, cheap) collection runs. Synthetic scene."""
+    from terrabeam.workflow import steps
+
+    document, write = tiny_pipeline
+    releases = []
+    release = steps.release_free_memory
+    monkeypatch.setattr(
+        steps, "release_free_memory", lambda collect=True: releases.append(collect) or release(collect)
+    )
+    collections = []
+    collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(a) or collect(*a))
+    assert main(["run", str(write()), "--run", "r"]) == 0
+    assert releases and not any(releases)  # GDAL's step end: trimmed, not collected
+    assert len(collections) == 1  # collected_after's, with the objects before the pipeline frozen

@@ -159,6 +159,7 @@ class StepService:
             code = _error_code(exc)
             record |= {"status": "failed", "error": _one_line(exc)}
             log.error("step %s of run %s failed: %s", record["step"], record["run"], record["error"])
+        steps.release_free_memory()  # a warm instance holds no step's memory between requests
         try:
             self._record(record)
         except Exception as exc:  # the step's own outcome is the one to answer with

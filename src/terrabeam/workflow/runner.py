@@ -189,7 +189,7 @@ class Runner:
             steps.validate_before_run(config, beam_args)
             validate_seconds = time.perf_counter() - started
             kept = []
-            for step in record.steps:
+            for number, step in enumerate(record.steps, 1):
                 if step.status == "done" and workspace.has_step(step.name):
                     reports.append(steps.StepReport(step.name, step.seconds or 0.0, step.outputs))
                     kept.append(step.name)
@@ -202,7 +202,8 @@ class Runner:
                     if reused := report.details.get(f"{part}_reused"):
                         log.info("run %s: %d of %d %s kept", record.id, reused, report.details[part], what)
                 reports.append(report)
-                steps.release_free_memory()
+                if number < len(record.steps):  # for the next step (~0.1 s; none after the last)
+                    steps.release_free_memory()
             summary = steps.write_summary(config, workspace, reports, validate_seconds)
         except BaseException as exc:
             interrupt = find_cause(exc, KeyboardInterrupt)
