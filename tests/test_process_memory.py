@@ -125,3 +125,21 @@ def test_a_run_makes_no_full_collection_after_its_last_step(tiny_pipeline, monke
     assert main(["run", str(write()), "--run", "r"]) == 0
     assert releases and not any(releases)  # GDAL's step end: trimmed, not collected
     assert len(collections) == 1  # collected_after's, with the objects before the pipeline frozen
+
+
+def test_the_step_server_and_the_flex_launcher_cap_malloc_arenas_too(tmp_path, monkeypatch, capsys):
+    """Both entry points of a deployment set the cap first, as the CLI does (here they stop at a
+    missing config, after it)."""
+    import os
+
+    from terrabeam.deploy import flex_main, step_server
+    from terrabeam.process_memory import MALLOC_ARENAS
+
+    for main_of in (step_server.main, flex_main.main):
+        monkeypatch.setenv("MALLOC_ARENA_MAX", "x")  # restored (absent) after the test
+        monkeypatch.delenv("MALLOC_ARENA_MAX")
+        arguments = ["--config", str(tmp_path / "missing.yaml")]
+        if main_of is flex_main.main:
+            arguments += ["--workspace", "gs://bucket/ws", "--run", "r1"]
+        assert main_of(arguments) != 0
+        assert os.environ["MALLOC_ARENA_MAX"] == str(MALLOC_ARENAS)

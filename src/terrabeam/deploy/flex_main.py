@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from terrabeam.config import PipelineConfig, load_config
 from terrabeam.deploy.step_server import RUN_ID_PATTERN, StepService
 from terrabeam.errors import WorkspaceError
+from terrabeam.process_memory import limit_malloc_arenas
 from terrabeam.workflow import steps, tasks
 from terrabeam.workspace import Workspace, resolve_root
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    limit_malloc_arenas()  # as the CLI does: before any pipeline or GDAL thread starts
     args, beam_args = build_parser().parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

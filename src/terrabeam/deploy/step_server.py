@@ -39,6 +39,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from terrabeam import storage
 from terrabeam.config import PipelineConfig, load_config
 from terrabeam.errors import TerrabeamError
+from terrabeam.process_memory import limit_malloc_arenas
 from terrabeam.workflow import steps
 from terrabeam.workflow.runner import is_transient
 from terrabeam.workspace import COMPLETE, Workspace, resolve_root
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    limit_malloc_arenas()  # as the CLI does: before any step's thread starts
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
