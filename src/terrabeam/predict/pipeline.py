@@ -54,6 +54,21 @@ def pipeline_flags(config: PipelineConfig, extra: Sequence[str] = ()) -> list[st
     return flags
 
 
+def run_counted(pipeline: beam.Pipeline) -> dict[str, int]:
+    """Run ``pipeline`` to its end, then drop the models it left loaded (``release_models``, also
+    when it failed); terrabeam's counters, summed by name (committed, else attempted)."""
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    finally:
+        release_models()  # the probe's (if the pipeline ran elsewhere) and Beam's
+    totals: dict[str, int] = {}
+    for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
+        name = counter.key.metric.name
+        totals[name] = totals.get(name, 0) + (counter.committed or counter.attempted or 0)
+    return totals
+
+
 def model_placement(config: PipelineConfig, beam_args: Sequence[str] = ()) -> tuple[int, bool]:
     """(intra-op threads per model copy, whether the model runs on this machine) for a run."""
     workers = local_workers(config.runner.beam_flags() + list(beam_args))
@@ -221,13 +236,7 @@ def run_predict(
     )
     read = written = skipped = 0
     if todo:
-        try:
-            result = pipeline.run()
-            result.wait_until_finish()
-        finally:
-            release_models()  # the probe's (if the pipeline ran elsewhere) and Beam's
-        counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
-        totals = {c.key.metric.name: c.committed or c.attempted or 0 for c in counters}
+        totals = run_counted(pipeline)
         read, written = totals.get("records_read", 0), totals.get("records_written", 0)
         skipped = totals.get("patches_skipped", 0)
         if remote is not None and not stays_remote:

@@ -21,16 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from terrabeam import NAMESPACE, beam_local
+from terrabeam import beam_local
 from terrabeam.config import PipelineConfig
 from terrabeam.errors import ConfigError, RecordCountError
 from terrabeam.gdal_threads import GDAL_IO
 from terrabeam.layout import ExportManifest, manifest_path, mixer_path, shard_name
-from terrabeam.predict.models import release_models
-from terrabeam.predict.pipeline import pipeline_flags
+from terrabeam.predict.pipeline import pipeline_flags, run_counted
 from terrabeam.process_memory import collected_after, release_free_memory
 from terrabeam.progress import published_progress
 from terrabeam.provenance import Provenance
@@ -184,16 +182,8 @@ def write_map(
             # the model goes with the pipeline's cycles: at 64× the mosaic's COG buffers came on top
             # of it, the run's peak (BENCHMARKS.md)
             with published_progress("map", tiling.count, "tile", published), collected_after():
-                try:
-                    result = pipeline.run()
-                    result.wait_until_finish()
-                finally:
-                    release_models()  # the probe's (if the pipeline ran elsewhere) and Beam's
-            counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
-            written, skipped = (
-                sum(c.committed or c.attempted or 0 for c in counters if c.key.metric.name == name)
-                for name in ("tiles_written", "patches_skipped")
-            )
+                totals = run_counted(pipeline)
+            written, skipped = totals.get("tiles_written", 0), totals.get("patches_skipped", 0)
             if written != len(todo):
                 raise RecordCountError(f"map: {len(todo)} tiles to write, but the pipeline wrote {written}")
             # the arrays the pipeline freed (glibc keeps them) are not needed by the mosaic: without
