@@ -1,5 +1,6 @@
 """Beam's local runner stays on this machine: with two workers (threads, the default, or processes)
 nothing listens on a non-loopback address, and worker processes die with a SIGKILLed terrabeam.
+Its bundles end promptly (a short state-sampling period).
 Synthetic scene and 1×1-conv model (tiny_pipeline).
 """
 
@@ -16,10 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import apache_beam as beam
 import psutil
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
 
 import terrabeam
+from terrabeam import beam_local
 from terrabeam.beam_local import loopback_address
 from terrabeam.cli import main
 
@@ -176,3 +180,35 @@ def test_a_run_does_not_import_torch_for_beams_model_manager():
     import importlib.util
 
     assert importlib.util.find_spec("torch") is not None  # torch is installed: the saving is real
+
+
+class _RecordSamplingPeriod(beam.DoFn):
+    """Writes the sampling period of the state sampler its bundle runs under (and its pid)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def process(self, element: int) -> Iterator[int]:
+        from apache_beam.runners.worker import statesampler
+
+        period = statesampler.get_current_tracker().sampling_period_ms
+        Path(self.folder, f"{os.getpid()}-{element}").write_text(str(period))
+        yield element
+
+
+@pytest.mark.parametrize("options", [{}, PROCESSES], ids=["in process", "worker process"])
+def test_bundles_run_under_a_prompt_state_sampler(tmp_path, monkeypatch, options):
+    """Beam's state sampler sleeps up to 200 ms between samples, and a bundle ends only when that
+    sleep does; terrabeam's pipelines cap it at STATE_SAMPLING_PERIOD_MS, in this process and in the
+    worker processes of multi_processing mode."""
+    here = str(Path(__file__).parent)  # the worker processes unpickle the DoFn from this module
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, terrabeam_env()["PYTHONPATH"]]))
+    flags = ["--runner=FnApiRunner"] + [f"--{k}={v}" for k, v in options.items()]
+    pipeline = beam_local.pipeline(PipelineOptions(flags))
+    _ = pipeline | beam.Create([1, 2]) | beam.ParDo(_RecordSamplingPeriod(str(tmp_path)))
+    pipeline.run().wait_until_finish()
+    seen = {path.name.split("-")[0]: int(path.read_text()) for path in tmp_path.iterdir()}
+    assert seen and set(seen.values()) == {beam_local.STATE_SAMPLING_PERIOD_MS}, seen
+    assert beam_local.STATE_SAMPLING_PERIOD_MS < 200  # Beam's own period
+    in_this_process = str(os.getpid()) in seen
+    assert in_this_process == (not options), seen

@@ -9,6 +9,12 @@ changes. Beam's ``multi_processing`` mode starts each worker as ``sh -c "python 
 a shell in between, and no link to the runner's life, so a worker started just before the runner is
 killed waits for minutes. ``pipeline`` gives that mode a worker command that ``exec``s this module,
 which asks Linux to kill the worker when its parent dies (``prctl(PR_SET_PDEATHSIG)``).
+
+Beam's state sampler (``statesampler.StateSampler``: the thread that samples which step a bundle is
+in, for its per-step time counters) sleeps up to 200 ms between samples, and a bundle cannot end
+before that sleep does: every stage of a local run waited 0–200 ms after its last element (light
+model, 16× demo scene: up to a tenth of the run; BENCHMARKS.md). ``prompt_state_sampler`` caps the
+sleep at ``STATE_SAMPLING_PERIOD_MS`` here and in the worker processes started here.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import grpc
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.runners.portability import abstract_job_service, local_job_service
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner, worker_handlers
-from apache_beam.runners.worker import worker_pool_main
+from apache_beam.runners.worker import statesampler, worker_pool_main
 from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
 # Every Beam module that opens a gRPC server on a wildcard address.
@@ -33,6 +39,7 @@ _SERVER_MODULES = (worker_handlers, local_job_service, abstract_job_service, wor
 _WILDCARD_HOSTS = ("[::]", "0.0.0.0", "")
 _LOCAL_RUNNERS = ("DirectRunner", "FnApiRunner")
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+STATE_SAMPLING_PERIOD_MS = 10  # Beam: 200; the sampler thread wakes without the GIL
 
 
 def loopback_address(address: str) -> str:
@@ -63,6 +70,20 @@ def bind_loopback() -> None:
             module.grpc = _LoopbackGrpc()
 
 
+class _PromptStateSampler(statesampler.StateSampler):
+    """Beam's state sampler with a short sampling period, so a bundle ends soon after its last
+    element (``StateSampler.stop`` joins the sampling thread, which may be asleep for a period)."""
+
+    def __init__(self, prefix: str, counter_factory: Any, sampling_period_ms: int = STATE_SAMPLING_PERIOD_MS):
+        super().__init__(prefix, counter_factory, min(sampling_period_ms, STATE_SAMPLING_PERIOD_MS))
+
+
+def prompt_state_sampler() -> None:
+    """Make the bundles Beam's Python SDK runs in this process use ``_PromptStateSampler`` (its
+    bundle processor looks ``statesampler.StateSampler`` up when it builds one)."""
+    statesampler.StateSampler = _PromptStateSampler  # type: ignore[misc]
+
+
 def worker_command() -> str:
     """The shell command of a local SDK worker process that dies with this process."""
     return f"exec {shlex.quote(sys.executable)} -m terrabeam.beam_local {os.getpid()}"
@@ -70,8 +91,10 @@ def worker_command() -> str:
 
 def pipeline(options: PipelineOptions) -> beam.Pipeline:
     """A Beam pipeline for ``options`` whose local servers bind loopback; on the local runner in
-    ``multi_processing`` mode its worker processes are started with ``worker_command``."""
+    ``multi_processing`` mode its worker processes are started with ``worker_command``. Bundles
+    run in this process end promptly (``prompt_state_sampler``)."""
     bind_loopback()
+    prompt_state_sampler()
     direct = options.view_as(DirectOptions)
     local = options.view_as(StandardOptions).runner in _LOCAL_RUNNERS
     if not (local and direct.direct_running_mode == "multi_processing"):
@@ -93,6 +116,7 @@ def _die_with_parent(parent: int) -> None:
 
 if __name__ == "__main__":
     _die_with_parent(int(sys.argv[1]))
+    prompt_state_sampler()
     from apache_beam.runners.worker import sdk_worker_main
 
     sdk_worker_main.main(sys.argv)
