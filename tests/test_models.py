@@ -319,9 +319,10 @@ def test_the_model_sees_batches_of_the_configured_size(tmp_path, tiny_pipeline, 
     assert sorted(sizes, reverse=True) == [5, 5, 2]
 
 
-def test_onnx_runtime_on_the_cpu_keeps_no_memory_pattern(tmp_path, monkeypatch):
+def test_onnx_runtime_on_the_cpu_keeps_no_memory_pattern_and_does_not_spin(tmp_path, monkeypatch):
     """Synthetic 1×1 conv model: the CPU session is made without ONNX Runtime's memory pattern (a
-    planned block kept per input shape: +42 MiB for the U-Net at batch 4, BENCHMARKS.md)."""
+    planned block kept per input shape: +42 MiB for the U-Net at batch 4, BENCHMARKS.md) and
+    without its pool threads busy-waiting between calls (they took the cores of the reads)."""
     import onnxruntime as ort
     from conftest import write_conv_model
 
@@ -340,3 +341,4 @@ def test_onnx_runtime_on_the_cpu_keeps_no_memory_pattern(tmp_path, monkeypatch):
     assert predict(np.ones((3, 2, 4, 4), np.float32)).shape == (3, 2, 4, 4)
     assert [options.enable_mem_pattern for options in made] == [False]
     assert made[0].intra_op_num_threads == 1
+    assert made[0].get_session_config_entry(onnx_model.SPINNING) == "0"
