@@ -137,6 +137,27 @@ def test_a_step_downloads_its_input_from_the_remote_workspace(tmp_path, tiny_pip
     assert main(["deliver", str(config), "--run", "r1"]) == 1
 
 
+def _written_then_deleted(s3, prefix: str) -> dict[str, bytes]:
+    """The objects under ``prefix`` that were written and are deleted now (the bucket keeps
+    versions: ``_versioned``): key → the bytes of its last version."""
+    listed = s3.list_object_versions(Bucket=BUCKET, Prefix=prefix)
+    assert not s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents"), f"{prefix} is left"
+    deleted = {marker["Key"] for marker in listed.get("DeleteMarkers", []) if marker["IsLatest"]}
+    last = {}
+    for version in sorted(listed.get("Versions", []), key=lambda v: v["LastModified"]):
+        last[version["Key"]] = version["VersionId"]
+    assert set(last) == deleted, "every object written there is deleted"
+    return {
+        key: s3.get_object(Bucket=BUCKET, Key=key, VersionId=version)["Body"].read()
+        for key, version in last.items()
+    }
+
+
+def _versioned(s3) -> None:
+    """Keep every version of the bucket's objects, deleted ones too (for ``_written_then_deleted``)."""
+    s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+
+
 def _portable_run(tmp_path, write, document, env, args):
     """`terrabeam ARGS…` with ``document`` on the PortableRunner (Beam's job service + worker pool)."""
     from test_portable_runner import beam_service
@@ -168,9 +189,11 @@ def _portable_run(tmp_path, write, document, env, args):
 def test_portable_workers_read_shards_and_model_from_the_s3_workspace(tmp_path, tiny_pipeline, s3):
     """`terrabeam predict` on the PortableRunner with the workspace on s3://: the workers fetch the
     export shards and the model (copied into <run>/model/) from the bucket and write prediction
-    shards there; the result equals the in-process predict's."""
+    shards there (into <run>/.predict.work/, deleted once the step is published); the result equals
+    the in-process predict's."""
     from test_portable_runner import _traced_env, _traced_opens
 
+    _versioned(s3)
     document, write = tiny_pipeline
     config = write()
     assert main(["export", str(config), "--run", "local"]) == 0
@@ -200,8 +223,9 @@ def test_portable_workers_read_shards_and_model_from_the_s3_workspace(tmp_path, 
     assert "ws/r1/model/model.onnx" in keys
     shards = sorted(local.glob("predictions-*.tfrecord.gz"))
     assert len(shards) > 2
+    work = _written_then_deleted(s3, "ws/r1/.predict.work/")
     for shard in shards:
-        assert f"ws/r1/.predict.work/{shard.name}" in keys  # written there by the workers
+        assert work[f"ws/r1/.predict.work/{shard.name}"] == shard.read_bytes()  # by the workers
         body = s3.get_object(Bucket=BUCKET, Key=f"ws/r1/predict/{shard.name}")["Body"].read()
         assert body == shard.read_bytes()
     # The pool's workers read their own copies of every export shard.
@@ -213,10 +237,12 @@ def test_portable_workers_read_shards_and_model_from_the_s3_workspace(tmp_path, 
 
 def test_whole_run_on_portable_workers_with_rasters_and_workspace_on_s3(tmp_path, tiny_pipeline, s3):
     """`terrabeam run` (one pipeline) with rasters, model and workspace on s3://: the workers read the
-    rasters through /vsis3/ and write the map tiles straight into the bucket; the maps equal a
-    local run's (pixels, profile and tags but the run's own)."""
+    rasters through /vsis3/ and write the map tiles straight into the bucket (<run>/.deliver.work/,
+    deleted once deliver/ is published); the maps equal a local run's (pixels, profile and tags
+    but the run's own)."""
     from test_portable_runner import _traced_env, _traced_opens
 
+    _versioned(s3)
     document, write = tiny_pipeline
     document["outputs"]["tile_size"] = 32
     assert main(["run", str(write()), "--run", "local"]) == 0
@@ -236,9 +262,10 @@ def test_whole_run_on_portable_workers_with_rasters_and_workspace_on_s3(tmp_path
     assert len(tiles) == 2 * 6
     fetched = tmp_path / "fetched"
     fetched.mkdir()
+    work = _written_then_deleted(s3, "ws/r1/.deliver.work/")
+    assert "ws/r1/.deliver.work/tiles/.source" in work  # the stamp of a resume, gone with the tiles
     for name in tiles:
-        written = s3.get_object(Bucket=BUCKET, Key=f"ws/r1/.deliver.work/tiles/{name}")["Body"].read()
-        (fetched / name).write_bytes(written)  # by the workers, into the bucket
+        (fetched / name).write_bytes(work[f"ws/r1/.deliver.work/tiles/{name}"])  # by the workers
         assert_same_map(fetched / name, local / "tiles" / name)
         assert f"ws/r1/deliver/tiles/{name}" in keys
     for output in local.glob("*.tif"):

@@ -228,3 +228,11 @@ def delete(locations: list[str]) -> None:
         FileSystems.delete(locations)
     except Exception as exc:
         raise _storage_error(f"cannot delete {locations}", exc) from None
+
+
+def delete_folder(folder: str) -> int:
+    """Delete every object under ``folder`` (a URI; its subfolders too); returns how many."""
+    found = [path for path, _ in list_files(f"{folder.rstrip('/')}/**")]  # Beam's * stops at a /
+    if found:
+        delete(found)
+    return len(found)

@@ -200,6 +200,10 @@ def write_map(
         outputs += _assemble_shards(config, work, tiling, bands, flags, remote_tiles)
     (work / ".source").unlink()
     workspace.publish(work, "deliver")
+    if remote_tiles:  # the workers' tiles (and records) were for a resume; the map is published
+        from terrabeam.storage import delete_folder
+
+        delete_folder(remote_tiles.rsplit("/", 1)[0])
     posted = None
     if config.outputs.stac is not None:  # once the assets it links are published
         target, deliver = config.outputs.stac, workspace.step_dir("deliver")
