@@ -297,3 +297,18 @@ def test_workers_tiles_are_kept_only_under_this_runs_stamp(s3):
     assert names() == [".source", "m-classes-r0000c0000.tif"]
     assert _match_remote_tiles(folder, "two") == []  # another config, input or tile format
     assert names() == [".source"]
+
+
+def test_a_work_folder_that_cannot_be_deleted_is_a_warning_naming_it(monkeypatch, caplog):
+    """The step is published before its remote work folder goes: a store that refuses the listing
+    (or the deletion) leaves a warning naming the folder, not a failed run. No server needed."""
+    from terrabeam import storage
+    from terrabeam.errors import InputError
+
+    def refuse(pattern):
+        raise InputError(f"cannot list {pattern}: AccessDenied")
+
+    monkeypatch.setattr(storage, "list_files", refuse)
+    with caplog.at_level("WARNING", logger="terrabeam.storage"):
+        storage.discard_work_folder(f"s3://{BUCKET}/ws/r1/.deliver.work")
+    assert f"s3://{BUCKET}/ws/r1/.deliver.work" in caplog.text and "AccessDenied" in caplog.text

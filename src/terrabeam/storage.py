@@ -9,6 +9,7 @@ byte for byte and never re-compressed.
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import uuid
@@ -22,6 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from terrabeam.errors import InputError, TransientError
 
 CHUNK = 8 * 2**20
+log = logging.getLogger("terrabeam.storage")
 
 
 def cache_dir() -> Path:
@@ -230,9 +232,13 @@ def delete(locations: list[str]) -> None:
         raise _storage_error(f"cannot delete {locations}", exc) from None
 
 
-def delete_folder(folder: str) -> int:
-    """Delete every object under ``folder`` (a URI; its subfolders too); returns how many."""
-    found = [path for path, _ in list_files(f"{folder.rstrip('/')}/**")]  # Beam's * stops at a /
-    if found:
-        delete(found)
-    return len(found)
+def discard_work_folder(folder: str) -> None:
+    """Delete every object under a published step's work ``folder`` (a URI; its subfolders too).
+    Best effort: the step is published already, so a failure is a warning naming the folder, not
+    a failed run."""
+    try:
+        found = [path for path, _ in list_files(f"{folder.rstrip('/')}/**")]  # Beam's * stops at /
+        if found:
+            delete(found)
+    except (InputError, TransientError) as exc:
+        log.warning("could not delete the work folder %s (the step is published): %s", folder, exc)

@@ -201,9 +201,9 @@ def write_map(
     (work / ".source").unlink()
     workspace.publish(work, "deliver")
     if remote_tiles:  # the workers' tiles (and records) were for a resume; the map is published
-        from terrabeam.storage import delete_folder
+        from terrabeam.storage import discard_work_folder
 
-        delete_folder(remote_tiles.rsplit("/", 1)[0])
+        discard_work_folder(remote_tiles.rsplit("/", 1)[0])
     posted = None
     if config.outputs.stac is not None:  # once the assets it links are published
         target, deliver = config.outputs.stac, workspace.step_dir("deliver")

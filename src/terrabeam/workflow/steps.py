@@ -144,7 +144,7 @@ def predict_step(
         if result.remote_shards:  # published by copies inside the object store: no bytes through here
             workspace.publish_remote("predict", result.remote_shards, work)
             shutil.rmtree(work, ignore_errors=True)
-            storage.delete_folder(remote.work)  # the workers' shards, copied into the step
+            storage.discard_work_folder(remote.work)  # the workers' shards, copied into the step
         else:
             workspace.publish(work, "predict")
     seconds = time.perf_counter() - start
